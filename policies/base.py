@@ -1,0 +1,119 @@
+"""What every policy sees and returns. Pure data: no clock, no I/O, no server or engine imports.
+
+The server and the simulator build a ``Snapshot`` of the queue and call ``Policy.decide``; the same code
+decides in both. Times are seconds on one monotonic clock; ``now`` is given, never read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+FP32 = 32
+ALL_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP32)  # in increasing precision
+
+
+def bits_between(low: int, high: int) -> tuple[int, ...]:
+    """Servable bits b with low <= b <= high in precision order (32 is above 8)."""
+    return tuple(b for b in ALL_BITS if low <= b <= high)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    id: int
+    arrival: float
+    deadline: float | None  # absolute; None: no deadline
+    min_bits: int = 1  # hard bounds, inclusive
+    max_bits: int = FP32
+    preferred_bits: int | None = None  # the client's `precision` hint; None for "auto"
+    strict: bool = False  # strict: only preferred_bits may run
+    priority: int = 1  # 1 is the highest (as Triton); larger numbers wait
+    size: int = 1  # images in this request
+
+    def allows(self, bits: int) -> bool:
+        if self.strict and self.preferred_bits is not None:
+            return bits == self.preferred_bits
+        return self.min_bits <= bits <= self.max_bits
+
+    @property
+    def allowed(self) -> tuple[int, ...]:
+        return tuple(b for b in ALL_BITS if self.allows(b))
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    """Measured latency (seconds) per (bits, batch size), from `apserve profile`."""
+
+    table: Mapping[tuple[int, int], float]
+    pareto: tuple[int, ...] = ALL_BITS  # bits worth choosing automatically, increasing precision
+    cpu_seconds: Mapping[tuple[int, int], float] | None = None  # CPU time per batch, for the power model
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return tuple(sorted({b for _, b in self.table}))
+
+    def latency(self, bits: int, batch: int) -> float:
+        """Latency of one batch; linear between profiled sizes, extrapolated past the largest."""
+        sizes = [b for (k, b) in self.table if k == bits]
+        if not sizes:
+            raise KeyError(f"no profile for bits {bits}")
+        sizes.sort()
+        lo = max((s for s in sizes if s <= batch), default=sizes[0])
+        hi = min((s for s in sizes if s >= batch), default=sizes[-1])
+        t_lo, t_hi = self.table[(bits, lo)], self.table[(bits, hi)]
+        if lo == hi:
+            return t_lo * max(1.0, batch / lo)
+        return t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
+
+
+@dataclass(frozen=True)
+class PowerState:
+    budget_w: float | None  # None: no budget
+    window_s: float
+    energy_in_window_j: float  # energy spent in the last window_s seconds
+    idle_w: float = 0.0
+    source: str = "model"  # "rapl" or "model"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    queue: tuple[QueuedRequest, ...]  # priority first, then earliest deadline (EDF)
+    profile: LatencyProfile
+    accuracy: Mapping[int, float]  # expected accuracy per bits (validation split)
+    max_batch_size: int
+    default_bits: int = 8
+    power: PowerState | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Run ``requests`` at ``bits`` now; or, when ``bits`` is None, run nothing and decide again at
+    ``wait_until`` (or at the next arrival). ``reject`` lists requests refused now (hopeless deadline)."""
+
+    bits: int | None
+    requests: tuple[int, ...] = ()
+    reason: str = ""
+    reject: tuple[int, ...] = ()
+    wait_until: float | None = None
+    # cascade: after the batch ran, requests whose top softmax probability is below this re-run at escalate_to
+    escalate_below: float | None = None
+    escalate_to: int | None = None
+
+
+IDLE = Decision(bits=None, reason="empty queue")
+
+
+class Policy(Protocol):
+    name: str
+
+    def decide(self, snapshot: Snapshot) -> Decision: ...
+
+
+@dataclass
+class PolicyConfig:
+    """Settings shared by policies; each policy module validates its own extras."""
+
+    name: str
+    options: dict[str, object] = field(default_factory=dict)
