@@ -13,7 +13,9 @@ from model_store.fashion_mnist import Split
 RunFn = Callable[[np.ndarray, int], np.ndarray]
 
 
-def accuracy(run: RunFn, split: Split, bits_list: Iterable[int], batch: int = 250, progress: bool = True) -> dict[int, float]:
+def accuracy(
+    run: RunFn, split: Split, bits_list: Iterable[int], batch: int = 250, progress: bool = True
+) -> dict[int, float]:
     bits_list = list(bits_list)
     correct = dict.fromkeys(bits_list, 0)
     bar = tqdm(total=len(split) * len(bits_list), desc="eval", unit="img", file=sys.stderr, disable=not progress)

@@ -1,7 +1,9 @@
 """The reference engine: the artifact run at any bit-width in plain numpy, no torch.
 
-It is the correctness oracle for every fast backend: readable first, fast enough to evaluate the test
-set. Activations flow NHWC; a conv is an explicit im2col in (kh, kw, cin) order, the artifact's order.
+It is the correctness oracle for every fast backend: readable first. It computes in float64 by default,
+with BatchNorm unfolded as in training, so the only difference from the training graph (run in float64)
+is the summation order: activation codes then land on the same side of every rounding boundary.
+Activations flow NHWC; a conv is an explicit im2col in (kh, kw, cin) order, the artifact's order.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from model_store.artifact import Artifact, unpack_codes
 FP32 = 32
 
 
-def to_input(batch: np.ndarray) -> np.ndarray:
-    """uint8 pixels 0..255 or float32 in [0, 1], [B, 1, 28, 28] or [B, 784] -> float32 NHWC [B, 28, 28, 1]."""
+def to_input(batch: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """uint8 pixels 0..255 or float32 in [0, 1], [B, 1, 28, 28] or [B, 784] -> NHWC [B, 28, 28, 1]."""
     x = np.asarray(batch)
-    x = x.astype(np.float32) * np.float32(1.0 / 255.0) if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+    x = x.astype(dtype) * dtype(1.0 / 255.0) if x.dtype == np.uint8 else x.astype(dtype, copy=False)
     return x.reshape(x.shape[0], 28, 28, 1)
 
 
@@ -32,32 +34,36 @@ def im2col(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
     cols = np.empty((b, ho, wo, kernel, kernel, c), dtype=x.dtype)
     for i in range(kernel):
         for j in range(kernel):
-            cols[:, :, :, i, j, :] = xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+            cols[:, :, :, i, j, :] = xp[
+                :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :
+            ]
     return cols.reshape(b, ho, wo, kernel * kernel * c)
 
 
-def dequantized_weight(artifact: Artifact, conv: str, bits: int, k: int) -> np.ndarray:
-    """[K, cout] float32 weights of ``conv`` at ``bits`` (32 uses the 8-bit weights)."""
+def dequantized_weight(artifact: Artifact, conv: str, bits: int, k: int, dtype: type = np.float64) -> np.ndarray:
+    """[K, cout] weights of ``conv`` at ``bits`` (32 uses the 8-bit weights). Exact in float64: the
+    levels are dyadic and the scales float32."""
     wb = min(bits, 8)
-    codes = unpack_codes(artifact.tensors[f"{conv}.planes"], wb, k).astype(np.float32)
+    codes = unpack_codes(artifact.tensors[f"{conv}.planes"], wb, k).astype(dtype)
     n = float(1 << wb)
     levels = (2.0 * codes + 1.0 - n) / n
-    scale = artifact.tensors[f"{conv}.scales"][wb - 1]
-    return np.ascontiguousarray((levels * scale[:, None]).T, dtype=np.float32)
+    scale = artifact.tensors[f"{conv}.scales"][wb - 1].astype(dtype)
+    return np.ascontiguousarray((levels * scale[:, None]).T, dtype=dtype)
 
 
 def quantize_activation(a: np.ndarray, bits: int) -> np.ndarray:
     if bits == FP32:
         return np.maximum(a, 0.0)
-    n = np.float32((1 << bits) - 1)
-    return np.floor(np.clip(a, 0.0, 1.0) * n + np.float32(0.5)) / n
+    n = a.dtype.type((1 << bits) - 1)
+    return np.floor(np.clip(a, 0.0, 1.0) * n + a.dtype.type(0.5)) / n
 
 
 class ReferenceEngine:
     """``run(batch, bits) -> logits``; per-bits dequantized weights are built lazily and cached."""
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, dtype: type = np.float64):
         self.artifact = artifact
+        self.dtype = dtype
         self._weights: dict[tuple[str, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -66,33 +72,36 @@ class ReferenceEngine:
         with self._lock:
             if key not in self._weights:
                 cin = layer["in"] if conv == "conv1" else layer["out"]
-                self._weights[key] = dequantized_weight(self.artifact, key[0], bits, 9 * cin)
+                self._weights[key] = dequantized_weight(self.artifact, key[0], bits, 9 * cin, self.dtype)
             return self._weights[key]
 
     def run(self, batch: np.ndarray, bits: int) -> np.ndarray:
         if bits not in self.artifact.bits:
             raise ValueError(f"bits {bits} not servable; choose one of {self.artifact.bits}")
         art = self.artifact
-        x = to_input(batch)
+        x = to_input(batch, self.dtype)
         for layer in art.architecture:
             name = layer["name"]
             if layer["type"] == "stem":
-                w = art.tensors[f"{name}.weight"]
+                w = art.tensors[f"{name}.weight"].astype(self.dtype)
                 wk = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1).T
                 x = im2col(x, layer["kernel"], 1) @ wk
             elif layer["type"] == "preact_block":
-                scale, shift = art.bn(f"{name}.bn1", bits)
-                h = quantize_activation(x * scale + shift, bits)
+                h = quantize_activation(self._bn(f"{name}.bn1", bits, x), bits)
                 h = im2col(h, 3, layer["stride"]) @ self._weight(layer, "conv1", bits)
-                scale, shift = art.bn(f"{name}.bn2", bits)
-                h = quantize_activation(h * scale + shift, bits)
+                h = quantize_activation(self._bn(f"{name}.bn2", bits, h), bits)
                 h = im2col(h, 3, 1) @ self._weight(layer, "conv2", bits)
                 x = shortcut(x, layer["out"], layer["stride"]) + h
             else:
-                scale, shift = art.bn(f"{name}.bn", bits)
-                pooled = np.maximum(x * scale + shift, 0.0).mean(axis=(1, 2))
-                x = pooled @ art.tensors[f"{name}.fc.weight"].T + art.tensors[f"{name}.fc.bias"]
+                pooled = np.maximum(self._bn(f"{name}.bn", bits, x), 0.0).mean(axis=(1, 2))
+                fc = art.tensors[f"{name}.fc.weight"].astype(self.dtype)
+                x = pooled @ fc.T + art.tensors[f"{name}.fc.bias"].astype(self.dtype)
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _bn(self, name: str, bits: int, x: np.ndarray) -> np.ndarray:
+        """BatchNorm in inference form, in the order torch computes it."""
+        gamma, beta, mean, var = (p.astype(self.dtype) for p in self.artifact.bn_params(name, bits))
+        return (x - mean) / np.sqrt(var + self.dtype(self.artifact.bn_eps)) * gamma + beta
 
 
 def shortcut(x: np.ndarray, cout: int, stride: int) -> np.ndarray:

@@ -33,6 +33,7 @@ ALIGN = 64
 BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)  # row i of every per-bit-width table is BITS[i]
 WEIGHT_BITS = 8
 DTYPES = {"uint8": np.uint8, "float32": np.float32}
+BN_PARAMS = ("gamma", "beta", "mean", "var")
 BUNDLED = Path(__file__).with_name("fashion-resnet.apm")
 
 
@@ -66,10 +67,20 @@ class Artifact:
         table = self.manifest.get("accuracy", {}).get(split, {})
         return {int(k): float(v) for k, v in table.items()}
 
-    def bn(self, name: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
-        """Folded BatchNorm (scale, shift) of layer ``name`` at ``bits``."""
+    @property
+    def bn_eps(self) -> float:
+        return float(self.manifest.get("bn_eps", 1e-5))
+
+    def bn_params(self, name: str, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """BatchNorm (gamma, beta, mean, var) of ``name`` (e.g. "s1b1.bn1") at ``bits``, as trained."""
         row = BITS.index(bits)
-        return self.tensors[f"{name}.scale"][row], self.tensors[f"{name}.shift"][row]
+        return tuple(self.tensors[f"{name}.{p}"][row] for p in BN_PARAMS)  # type: ignore[return-value]
+
+    def bn(self, name: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """BatchNorm of ``name`` at ``bits`` folded to float32 (scale, shift): y = x * scale + shift."""
+        gamma, beta, mean, var = (p.astype(np.float64) for p in self.bn_params(name, bits))
+        scale = gamma / np.sqrt(var + self.bn_eps)
+        return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
 
 
 def row_bytes(k: int) -> int:
@@ -112,14 +123,16 @@ def expected_tensors(architecture: list[dict[str, Any]]) -> dict[str, tuple[str,
             out[f"{name}.weight"] = ("float32", (layer["out"], layer["in"], kk, kk))
         elif kind == "preact_block":
             kk = layer["kernel"]
-            out[f"{name}.bn1.scale"] = out[f"{name}.bn1.shift"] = ("float32", (nb, layer["in"]))
-            out[f"{name}.bn2.scale"] = out[f"{name}.bn2.shift"] = ("float32", (nb, layer["out"]))
+            for p in BN_PARAMS:
+                out[f"{name}.bn1.{p}"] = ("float32", (nb, layer["in"]))
+                out[f"{name}.bn2.{p}"] = ("float32", (nb, layer["out"]))
             for conv in ("conv1", "conv2"):
                 cin, cout = conv_k(layer, conv)
                 out[f"{name}.{conv}.planes"] = ("uint8", (WEIGHT_BITS, cout, row_bytes(kk * kk * cin)))
                 out[f"{name}.{conv}.scales"] = ("float32", (WEIGHT_BITS, cout))
         elif kind == "head":
-            out[f"{name}.bn.scale"] = out[f"{name}.bn.shift"] = ("float32", (nb, layer["in"]))
+            for p in BN_PARAMS:
+                out[f"{name}.bn.{p}"] = ("float32", (nb, layer["in"]))
             out[f"{name}.fc.weight"] = ("float32", (layer["out"], layer["in"]))
             out[f"{name}.fc.bias"] = ("float32", (layer["out"],))
         else:
@@ -228,7 +241,9 @@ def load(path: str | Path = BUNDLED) -> Artifact:
     for name, (dtype, shape) in expected.items():
         entry = table[name]
         if entry.get("dtype") != dtype or tuple(entry.get("shape", ())) != shape:
-            raise fail(f"tensor {name} is {entry.get('dtype')}{entry.get('shape')}, the architecture needs {dtype}{list(shape)}")
+            raise fail(
+                f"tensor {name} is {entry.get('dtype')}{entry.get('shape')}, the architecture needs {dtype}{list(shape)}"
+            )
         nbytes = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
         offset = entry.get("offset", -1)
         if entry.get("nbytes") != nbytes or not 0 <= offset <= len(payload) - nbytes:
@@ -236,6 +251,8 @@ def load(path: str | Path = BUNDLED) -> Artifact:
         arr = np.frombuffer(payload, dtype=DTYPES[dtype], count=int(np.prod(shape)), offset=offset).reshape(shape)
         if dtype == "float32" and not np.isfinite(arr).all():
             raise fail(f"tensor {name} holds NaN or infinity")
+        if name.endswith(".var") and (arr < 0).any():
+            raise fail(f"tensor {name} holds a negative variance")
         tensors[name] = arr
     if sorted(manifest["bits"]) != sorted(BITS):
         raise fail(f"servable bits {manifest['bits']}, this format serves {list(BITS)}")

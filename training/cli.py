@@ -21,7 +21,9 @@ def run_train(args: argparse.Namespace) -> int:
     return finish(model, summary, recipe, args.artifact or out / "model.apm", json_out=args.json)
 
 
-def finish(model: AnyPrecisionResNet, summary: dict[str, Any], recipe: Recipe, path: Path, json_out: bool = False) -> int:
+def finish(
+    model: AnyPrecisionResNet, summary: dict[str, Any], recipe: Recipe, path: Path, json_out: bool = False
+) -> int:
     """Measure accuracy per bits on validation and test (the torch model computes exactly what the
     artifact serves; tests hold the reference engine to it) and write the artifact."""
     _, val = fashion_mnist.train_validation(recipe.seed)

@@ -18,11 +18,12 @@ BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP32)
 
 
 def weight_codes8(w: torch.Tensor) -> torch.Tensor:
-    """8-bit floor-grid codes (float tensor holding integers 0..255), per output channel (dim 0)."""
-    flat = w.detach().flatten(1)
+    """8-bit floor-grid codes (float tensor holding integers 0..255), per output channel (dim 0).
+    Always computed in float32, so a float64 copy of the model quantizes to the same codes."""
+    flat = w.detach().float().flatten(1)
     span = flat.abs().amax(dim=1).clamp_min(1e-8)
     u = (flat / span[:, None] + 1.0) * 128.0  # [0, 256]
-    return torch.clamp(torch.floor(u), 0, 255).view_as(w)
+    return torch.clamp(torch.floor(u), 0, 255).view(w.shape).to(w.dtype)
 
 
 def levels(codes8: torch.Tensor, bits: int) -> torch.Tensor:
@@ -33,9 +34,9 @@ def levels(codes8: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def lsq_scale(w: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel scale minimising ||w - s * lv||^2."""
-    wf, lf = w.detach().flatten(1), lv.flatten(1)
-    return (wf * lf).sum(1) / (lf * lf).sum(1).clamp_min(1e-12)
+    """Per-output-channel scale minimising ||w - s * lv||^2 (in float32, as stored in the artifact)."""
+    wf, lf = w.detach().float().flatten(1), lv.float().flatten(1)
+    return ((wf * lf).sum(1) / (lf * lf).sum(1).clamp_min(1e-12)).to(w.dtype)
 
 
 def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:

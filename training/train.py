@@ -45,7 +45,7 @@ class Recipe:
     name: str = "default"
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
         if not path.exists() and (RECIPES / path).exists():
             path = RECIPES / path
@@ -80,7 +80,7 @@ def step_bits(recipe: Recipe, rng: random.Random) -> list[int]:
     """The bit-widths of one step, highest first."""
     chosen = set(recipe.always_bits)
     if recipe.sampled_bits:
-        bits, weights = zip(*recipe.sampled_bits.items())
+        bits, weights = zip(*recipe.sampled_bits.items(), strict=False)
         chosen.add(rng.choices(bits, weights)[0])
     return sorted(chosen, reverse=True)
 
