@@ -58,6 +58,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.serve import run
+
+    return run(args)
+
+
 def _not_yet(name: str):
     def run(args: argparse.Namespace) -> int:
         print(f"apserve {name}: not implemented yet", file=sys.stderr)
@@ -88,16 +94,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("serve", help="serve the model over HTTP (KServe v2)")
+    p.add_argument("--model", type=Path, default=None, help="artifact path (default: the bundled model)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--config", type=Path, default=None, help="YAML settings file (APSERVE_* variables override it)")
+    p.add_argument("--policy", default=None, help="precision policy: fixed-K, hint, queue, slo, power, cascade, ...")
+    p.set_defaults(func=cmd_serve)
+
     for name, text in (
-        ("serve", "serve the model over HTTP (KServe v2)"),
         ("profile", "measure latency per (bits, batch) and pick backends"),
         ("bench", "benchmark the engine against peers"),
         ("simulate", "discrete-event simulation of a policy on a trace"),
-        ("loadtest", "run Locust against a server and write a report"),
     ):
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=_not_yet(name))
+
+    p = sub.add_parser("loadtest", help="run Locust against a server and write a report (JSON + plots)")
+    p.add_argument("--shape", default="spike", choices=["constant", "step", "spike", "diurnal", "replay"])
+    p.add_argument("--policy", default="slo", help="policy of the server this command starts (ignored with --url)")
+    p.add_argument("--url", default=None, help="load an already running server instead of starting one")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load (replay: at most the trace)")
+    p.add_argument("--out", type=Path, default=Path("runs/loadtest"), help="report directory")
+    p.add_argument("--rps", type=float, default=20.0, help="base offered load, requests/s")
+    p.add_argument("--peak-rps", type=float, default=None, help="peak offered load (default 3x --rps)")
+    p.add_argument("--trace", type=Path, default=None, help="CSV of arrival times for --shape replay")
+    p.add_argument("--user-rps", type=float, default=5.0, help="requests/s per Locust user (0: closed loop)")
+    p.add_argument("--precision-mix", default="auto", help='weighted hints, e.g. "auto:8,1:1,8:1"')
+    p.add_argument("--slo-mix", default="50", help='weighted slo_ms, 0 = none, e.g. "50:3,200:1"')
+    p.add_argument("--priority-mix", default="0", help='weighted priorities, 0 = default, e.g. "1:1,2:4"')
+    p.add_argument("--slo-gate", type=float, default=0.0, help="exit 1 when SLO attainment is below this fraction")
+    p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes (0: off)")
+    p.add_argument("--server-cpus", default=None, help="taskset CPU list for the server, e.g. 0")
+    p.add_argument("--load-cpus", default=None, help="taskset CPU list for Locust, e.g. 1")
+    p.add_argument("--server-env", action="append", default=[], help="APSERVE_NAME=VALUE for the server started")
+    p.add_argument("--json", action="store_true", help="print the report (without time series) on stdout")
+    p.set_defaults(func=cmd_loadtest)
     return parser
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from loadtest.runner import LoadtestError, LoadtestOptions, parse_server_env, run
+
+    try:
+        opts = LoadtestOptions(
+            shape=args.shape,
+            policy=args.policy,
+            url=args.url,
+            duration_s=args.duration,
+            out=args.out,
+            base_rps=args.rps,
+            peak_rps=args.peak_rps,
+            trace=args.trace,
+            user_rps=args.user_rps,
+            precision_mix=args.precision_mix,
+            slo_mix=args.slo_mix,
+            priority_mix=args.priority_mix,
+            slo_gate=args.slo_gate,
+            scrape_interval_s=args.scrape_interval,
+            server_cpus=args.server_cpus,
+            load_cpus=args.load_cpus,
+            server_env=parse_server_env(args.server_env),
+        )
+        report = run(opts)
+    except LoadtestError as exc:
+        print(f"apserve loadtest: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print_json({k: v for k, v in report.items() if k != "timeseries"})
+    return 1 if args.slo_gate and (report["slo_attainment"] or 0.0) < args.slo_gate else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,433 @@
+"""The scheduler: admission, the priority/EDF queue, policy decisions, batching, deadlines, escalation.
+
+Everything here runs on the event loop except ``Engine.run``, which runs on worker threads; the loop never
+blocks on compute. The queue is ordered by priority (1 first), then deadline (earliest first), then arrival.
+At each decision point the active policy gets a ``Snapshot`` and returns a ``Decision``; every field of the
+decision is honoured. Each queued request with a deadline has a timer: if it fires while the request is
+still queued, the request is answered 504 without being computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from policies.base import LatencyProfile, Policy, PowerState, QueuedRequest, Snapshot
+from policies.fixed import FixedPolicy
+from server.metrics import Metrics, bits_label
+from server.protocol import RequestOptions
+
+log = logging.getLogger("apserve.scheduler")
+
+
+class Runner(Protocol):
+    """What the scheduler needs of the engine (kernels.engine.Engine)."""
+
+    def run(self, batch: np.ndarray, bits: int) -> np.ndarray: ...
+
+
+class PowerMeter(Protocol):
+    def state(self, now: float) -> PowerState: ...
+
+
+class Refused(Exception):
+    """A request answered without a result: HTTP ``status``, metric ``reason`` and a message for the client."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    logits: np.ndarray  # [size, 10]
+    bits: int
+    queue_us: int
+    compute_us: int
+    batch_size: int
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    request: QueuedRequest
+    images: np.ndarray
+    future: asyncio.Future[Outcome]
+    key: tuple[int, float, float, int]
+    timer: asyncio.TimerHandle | None = None
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    escalated: bool = False
+
+
+def _order_key(req: QueuedRequest) -> tuple[int, float, float, int]:
+    return (req.priority, math.inf if req.deadline is None else req.deadline, req.arrival, req.id)
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_size: int
+    max_queue_size: int
+    max_queue_delay_s: float
+    workers: int
+    default_bits: int
+    default_priority: int
+    default_timeout_s: float | None
+    servable: tuple[int, ...]
+    accuracy: Mapping[int, float] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Runner,
+        policy: Policy,
+        profile: LatencyProfile,
+        config: SchedulerConfig,
+        metrics: Metrics,
+        power_meter: PowerMeter | None = None,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ):
+        self.engine = engine
+        self.profile = profile
+        self.config = config
+        self.metrics = metrics
+        self.power_meter = power_meter
+        self._on_batch = on_batch  # (bits, images, seconds): energy accounting, when a meter wants it
+        self._policy = policy
+        self._queue: list[_Pending] = []
+        self._ids = itertools.count(1)
+        self._inflight = 0
+        self._closing = False
+        self._served_accuracy: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._pool = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="apserve-engine")
+        self._task = self._loop.create_task(self._run(), name="apserve-scheduler")
+
+    def close(self) -> None:
+        """Admit nothing more; what is queued or running is still answered."""
+        self._closing = True
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Wait until every admitted request has been answered, then stop the workers."""
+        self.close()
+        if self._task is not None:
+            await self._task
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Swap the policy between two decisions (the loop is single-threaded, so this is atomic). Queued
+        requests the new policy can never serve are answered 422 rather than left waiting forever."""
+        self._policy = policy
+        for pending in list(self._queue):
+            if not self._allowed(pending.request):
+                self._remove(pending)
+                self._refuse(pending, self._unservable(pending.request))
+        self._wake.set()
+
+    # --- admission ------------------------------------------------------------------------------
+
+    def _policy_bits(self) -> tuple[int, ...]:
+        if isinstance(self._policy, FixedPolicy):  # a fixed policy serves nothing else: refuse, do not strand
+            return (self._policy.bits,) if self._policy.bits in self.config.servable else ()
+        return self.config.servable
+
+    def _allowed(self, req: QueuedRequest) -> list[int]:
+        return [b for b in self._policy_bits() if req.allows(b)]
+
+    def _unservable(self, req: QueuedRequest) -> Refused:
+        if req.strict and req.preferred_bits is not None:
+            wish = f"strict precision {req.preferred_bits}"
+        else:
+            wish = f"bits {req.min_bits}..{req.max_bits}"
+        can = ", ".join(str(b) for b in self._policy_bits())
+        return Refused(422, "strict_unservable", f"{wish} cannot be served: policy {self._policy.name} runs bits {can}")
+
+    def submit(self, images: np.ndarray, options: RequestOptions) -> asyncio.Future[Outcome]:
+        """Admit a request or raise ``Refused`` at once. The future resolves with an ``Outcome`` or ``Refused``."""
+        assert self._loop is not None, "scheduler not started"
+        if self._closing:
+            raise Refused(503, "shutdown", "server is shutting down; retry on another replica", retry_after=1)
+        if len(self._queue) >= self.config.max_queue_size:
+            raise Refused(
+                429, "queue_full", f"queue is full ({self.config.max_queue_size} requests)", self._retry_after()
+            )
+        now = self._loop.time()
+        hint = options.hint
+        timeout = options.timeout_s if options.timeout_s is not None else self.config.default_timeout_s
+        req = QueuedRequest(
+            id=next(self._ids),
+            arrival=now,
+            deadline=None if timeout is None else now + timeout,
+            min_bits=hint.min_bits,
+            max_bits=hint.max_bits,
+            preferred_bits=hint.preferred,
+            strict=hint.strict,
+            priority=options.priority or self.config.default_priority,
+            size=int(images.shape[0]),
+        )
+        allowed = self._allowed(req)
+        if not allowed:
+            raise self._unservable(req)
+        if req.deadline is not None:
+            fastest = min(self._latency(b, req.size) for b in allowed)
+            if now + fastest > req.deadline:
+                raise Refused(
+                    503,
+                    "deadline",
+                    f"deadline of {1e3 * (req.deadline - now):.1f} ms cannot be met: the fastest allowed bits "
+                    f"need {1e3 * fastest:.1f} ms",
+                    retry_after=1,
+                )
+        pending = _Pending(req, images, self._loop.create_future(), _order_key(req))
+        self._enqueue(pending)
+        return pending.future
+
+    def _latency(self, bits: int, size: int) -> float:
+        try:
+            return self.profile.latency(bits, size)
+        except KeyError:
+            return 0.0
+
+    def _retry_after(self) -> int:
+        images = sum(p.request.size for p in self._queue)
+        per_batch = self._latency(self.config.default_bits, self.config.max_batch_size)
+        return max(1, math.ceil(per_batch * images / self.config.max_batch_size))
+
+    # --- the queue ------------------------------------------------------------------------------
+
+    def _enqueue(self, pending: _Pending) -> None:
+        assert self._loop is not None
+        bisect.insort(self._queue, pending, key=lambda p: p.key)
+        if pending.request.deadline is not None:
+            pending.timer = self._loop.call_at(pending.request.deadline, self._expire, pending)
+        self.metrics.queue_depth.set(len(self._queue))
+        self._wake.set()
+
+    def _remove(self, pending: _Pending) -> None:
+        self._queue.remove(pending)
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        self.metrics.queue_depth.set(len(self._queue))
+
+    def _expire(self, pending: _Pending) -> None:
+        if pending in self._queue:
+            self._remove(pending)
+            waited = 1e3 * (pending.request.deadline or 0.0) - 1e3 * pending.request.arrival
+            self._refuse(pending, Refused(504, "timeout", f"deadline passed after {waited:.1f} ms in the queue"))
+            self._wake.set()
+
+    def _refuse(self, pending: _Pending, refusal: Refused) -> None:
+        outcome = "timeout" if refusal.status == 504 else "rejected"
+        self.metrics.requests.labels(outcome=outcome, bits="none").inc()
+        if outcome == "rejected":
+            self.metrics.rejections.labels(reason=refusal.reason).inc()
+        if not pending.future.done():
+            pending.future.set_exception(refusal)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._loop is not None
+        while True:
+            self._wake.clear()
+            if self._closing and not self._queue and self._inflight == 0:
+                return
+            wait: float | None = None
+            if self._queue and self._inflight < self.config.workers:
+                wait = self._dispatch()
+                if wait == 0.0:
+                    continue
+            timer = self._loop.call_later(wait, self._wake.set) if wait is not None else None
+            await self._wake.wait()
+            if timer is not None:
+                timer.cancel()
+
+    def _snapshot(self, now: float) -> Snapshot:
+        return Snapshot(
+            now=now,
+            queue=tuple(p.request for p in self._queue),
+            profile=self.profile,
+            accuracy=self.config.accuracy,
+            max_batch_size=self.config.max_batch_size,
+            default_bits=self.config.default_bits,
+            power=self.power_meter.state(now) if self.power_meter is not None else None,
+        )
+
+    def _dispatch(self) -> float | None:
+        """Ask the policy and start a batch. Returns 0 when a batch started, else how long to wait (None:
+        until the next arrival, finished batch or timer)."""
+        assert self._loop is not None and self._pool is not None
+        now = self._loop.time()
+        for pending in [p for p in self._queue if p.request.deadline is not None and p.request.deadline <= now]:
+            self._expire(pending)  # its timer is due but has not run yet: never start stale work
+        if not self._queue:
+            return None
+        decision = self._policy.decide(self._snapshot(now))
+        by_id = {p.request.id: p for p in self._queue}
+        for rid in decision.reject:
+            if rid in by_id:
+                pending = by_id.pop(rid)
+                self._remove(pending)
+                reason = decision.reason or "its deadline cannot be met"
+                self._refuse(pending, Refused(503, "deadline", f"refused before compute: {reason}", retry_after=1))
+        if decision.bits is None:
+            if self._closing and self._queue and self._inflight == 0 and decision.wait_until is None:
+                for pending in list(self._queue):  # the policy will serve nothing more and no one will come
+                    self._remove(pending)
+                    self._refuse(pending, Refused(503, "shutdown", "server shut down before serving this request"))
+                return 0.0
+            return None if decision.wait_until is None else max(0.0, decision.wait_until - now)
+        bits = decision.bits
+        chosen = [by_id[i] for i in decision.requests if i in by_id and by_id[i].request.allows(bits)]
+        if not chosen:
+            log.warning("policy %s chose bits %s but no queued request that allows it", self._policy.name, bits)
+            return None
+        images = sum(p.request.size for p in chosen)
+        if self.config.max_queue_delay_s > 0 and images < self.config.max_batch_size and not self._closing:
+            ready_at = min(p.request.arrival for p in chosen) + self.config.max_queue_delay_s
+            if now < ready_at:
+                return ready_at - now
+        for pending in chosen:
+            self._remove(pending)
+            pending.queue_s += now - pending.request.arrival if not pending.escalated else 0.0
+            self.metrics.queue_duration.observe(now - pending.request.arrival)
+        self._inflight += 1
+        arrays = [p.images for p in chosen]
+        work = self._loop.run_in_executor(self._pool, _compute, self.engine, arrays, bits)
+        self._loop.create_task(self._finish(work, chosen, bits, decision.reason, decision.escalate_below,
+                                            decision.escalate_to))  # fmt: skip
+        return 0.0
+
+    async def _finish(
+        self,
+        work: asyncio.Future[tuple[np.ndarray, float]],
+        batch: list[_Pending],
+        bits: int,
+        reason: str,
+        escalate_below: float | None,
+        escalate_to: int | None,
+    ) -> None:
+        try:
+            logits, seconds = await work
+        except Exception as exc:  # an engine failure is our bug: log it, answer 500, keep serving
+            log.exception("engine failed at %s bits on a batch of %d requests", bits, len(batch))
+            for pending in batch:
+                self.metrics.requests.labels(outcome="error", bits=bits_label(bits)).inc()
+                if not pending.future.done():
+                    pending.future.set_exception(Refused(500, "error", f"engine failed: {exc}"))
+            return
+        finally:
+            self._inflight -= 1
+            self._wake.set()
+        images = int(logits.shape[0])
+        label = bits_label(bits)
+        m = self.metrics
+        m.batches.labels(bits=label, policy=self._policy.name, reason=reason or "none").inc()
+        m.compute_duration.labels(bits=label).observe(seconds)
+        m.batch_size.labels(bits=label).observe(images)
+        m.images.labels(bits=label).inc(images)
+        if self._on_batch is not None:
+            self._on_batch(bits, images, seconds)
+        self._track_accuracy(bits, images)
+
+        done = self._loop.time() if self._loop is not None else time.monotonic()
+        offset = 0
+        for pending in batch:
+            rows = logits[offset : offset + pending.request.size]
+            offset += pending.request.size
+            pending.compute_s += seconds
+            if (
+                escalate_below is not None
+                and escalate_to is not None
+                and not pending.escalated
+                and escalate_to != bits
+                and pending.request.allows(escalate_to)
+                and _top_probability(rows) < escalate_below
+            ):
+                self._escalate(pending, escalate_to)
+                continue
+            req = pending.request
+            m.requests.labels(outcome="ok", bits=label).inc()
+            m.request_duration.labels(bits=label).observe(done - req.arrival)
+            if req.deadline is not None and done > req.deadline:
+                m.slo_violations.inc()
+            if not pending.future.done():
+                pending.future.set_result(
+                    Outcome(rows, bits, int(1e6 * pending.queue_s), int(1e6 * pending.compute_s), images)
+                )
+
+    def _escalate(self, pending: _Pending, bits: int) -> None:
+        """Re-queue as a strict request at ``bits``; it keeps its arrival, deadline and priority."""
+        req = replace(pending.request, preferred_bits=bits, strict=True)
+        pending.request = req
+        pending.key = _order_key(req)
+        pending.escalated = True
+        self._enqueue(pending)
+
+    def _track_accuracy(self, bits: int, images: int) -> None:
+        accuracy = self.config.accuracy.get(bits)
+        if accuracy is None:
+            return
+        weight = min(1.0, images / 500.0)  # exponential average over roughly the last 500 images
+        prev = self._served_accuracy
+        self._served_accuracy = accuracy if prev is None else prev + weight * (accuracy - prev)
+        self.metrics.served_accuracy.set(self._served_accuracy)
+
+    def info(self) -> dict[str, Any]:
+        return {"queue_depth": len(self._queue), "inflight_batches": self._inflight, "closing": self._closing}
+
+
+def _top_probability(logits: np.ndarray) -> float:
+    """The lowest, over the request's rows, of the top softmax probability."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return float((p.max(axis=1) / p.sum(axis=1)).min())
+
+
+def _compute(engine: Runner, arrays: list[np.ndarray], bits: int) -> tuple[np.ndarray, float]:
+    """On a worker thread: join the requests' images into one batch and run it."""
+    if len(arrays) == 1:
+        batch = arrays[0]
+    elif all(a.dtype == np.uint8 for a in arrays):
+        batch = np.concatenate(arrays)
+    else:  # mixed datatypes: the engine's float input is pixels / 255
+        batch = np.concatenate([a.astype(np.float32) / np.float32(255.0) if a.dtype == np.uint8 else a for a in arrays])
+    start = time.perf_counter()
+    logits = engine.run(batch.reshape(-1, 1, 28, 28), bits)
+    return np.asarray(logits, dtype=np.float32), time.perf_counter() - start
