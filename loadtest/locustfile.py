@@ -1,0 +1,180 @@
+"""Locust load for apserve: binary KServe v2 requests with a mix of precision hints, SLOs and priorities.
+
+    locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8000 [-u N -r R -t 30s]
+
+`apserve loadtest` runs this for you and turns the per-request log into a report with plots.
+Settings, all optional (environment):
+  LOADTEST_MODEL           model name (fashion-resnet)
+  LOADTEST_BATCH           images per request (1)
+  LOADTEST_PRECISION_MIX   weighted precision hints, "auto" = none: "auto:8,1:1,8:1" (auto)
+  LOADTEST_SLO_MIX         weighted slo_ms values, 0 = none: "50:3,200:1" (50)
+  LOADTEST_PRIORITY_MIX    weighted priorities, 0 = default: "1:1,2:4" (0)
+  LOADTEST_USER_RPS        requests/s per user, a Poisson schedule per user; 0 = closed loop (5)
+  LOADTEST_USERS           users in closed loop (8)
+  LOADTEST_SHAPE           constant | step | spike | diurnal | replay; unset: plain -u/-r/-t
+  LOADTEST_DURATION_S, LOADTEST_BASE_RPS, LOADTEST_PEAK_RPS, LOADTEST_STEPS, LOADTEST_TRACE   the shape
+  LOADTEST_LOG             CSV file: one row per request (what the report is computed from)
+  LOADTEST_SLO_GATE        fail (exit code 1) when SLO attainment is below this fraction (0 = off)
+Attainment: a request counts when answered 200 within its slo_ms (no slo_ms: any 200 counts).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import sys
+import time
+
+from locust import FastHttpUser, LoadTestShape, events, task
+
+from loadtest.protocol import IMAGE_BYTES, decode_infer, encode_infer, number_mix, precision_mix, request_parameters
+from loadtest.shapes import shape_from_env
+
+ENV = os.environ
+MODEL = ENV.get("LOADTEST_MODEL", "fashion-resnet")
+BATCH = int(ENV.get("LOADTEST_BATCH", "1"))
+PRECISION = precision_mix(ENV.get("LOADTEST_PRECISION_MIX", "auto"))
+SLO = number_mix(ENV.get("LOADTEST_SLO_MIX", "50"), "slo_ms")
+PRIORITY = number_mix(ENV.get("LOADTEST_PRIORITY_MIX", "0"), "priority")
+USER_RPS = float(ENV.get("LOADTEST_USER_RPS", "5"))
+SLO_GATE = float(ENV.get("LOADTEST_SLO_GATE", "0"))
+SHAPE = shape_from_env(ENV)
+CLOSED_LOOP_USERS = int(ENV.get("LOADTEST_USERS", "8"))
+SPAWN_RATE = 10_000  # users appear at once: a spike is a step, not a ramp
+
+LOG_FIELDS = ["t", "latency_ms", "status", "outcome", "bits", "slo_ms", "precision", "priority", "queue_us", "compute_us", "batch_size"]
+_rng = random.Random(int(ENV.get("LOADTEST_SEED", "0")))
+_images = [bytes(_rng.randrange(256) for _ in range(IMAGE_BYTES * BATCH)) for _ in range(16)]
+_tally = {"sent": 0, "good": 0}
+_log_file = open(ENV["LOADTEST_LOG"], "w", newline="") if ENV.get("LOADTEST_LOG") else None  # noqa: SIM115
+_log = csv.writer(_log_file) if _log_file else None
+if _log:
+    _log.writerow(LOG_FIELDS)
+
+
+def _outcome(status: int) -> str:
+    if status == 200:
+        return "ok"
+    if status in (429, 503):
+        return "rejected"
+    if status == 504:
+        return "timeout"
+    if 400 <= status < 500:
+        return "invalid"
+    return "error"
+
+
+class InferUser(FastHttpUser):
+    """One client: a Poisson schedule of USER_RPS requests/s (it catches up when a reply was slow)."""
+
+    path = f"/v2/models/{MODEL}/infer"
+
+    def on_start(self) -> None:
+        self._rng = random.Random(_rng.random())
+        self._next = time.monotonic() + (self._rng.expovariate(USER_RPS) if USER_RPS > 0 else 0.0)
+
+    def wait_time(self) -> float:
+        if USER_RPS <= 0:
+            return 0.0
+        self._next += self._rng.expovariate(USER_RPS)
+        return max(0.0, self._next - time.monotonic())
+
+    @task
+    def infer(self) -> None:
+        precision = PRECISION.pick(self._rng)
+        slo_ms = float(SLO.pick(self._rng))
+        priority = int(float(PRIORITY.pick(self._rng)))
+        body, headers = encode_infer(self._rng.choice(_images), BATCH, request_parameters(precision, slo_ms, priority))
+        start = time.time()
+        with self.client.post(self.path, data=body, headers=headers, catch_response=True, name="infer") as resp:
+            latency_ms = 1e3 * (time.time() - start)
+            status = resp.status_code or 0
+            outcome = _outcome(status)
+            params: dict = {}
+            if outcome == "ok":
+                try:
+                    params = decode_infer(resp.content or b"", resp.headers or {}).get("parameters") or {}
+                except ValueError as exc:
+                    outcome = "error"
+                    resp.failure(f"unreadable v2 reply: {exc}")
+            if outcome == "ok":
+                resp.success()
+            elif outcome != "error":
+                resp.failure(f"{status} {outcome}")
+            else:
+                resp.failure(f"{status} error")
+        _tally["sent"] += 1
+        if outcome == "ok" and (slo_ms <= 0 or latency_ms <= slo_ms):
+            _tally["good"] += 1
+        if _log:
+            _log.writerow(
+                [
+                    f"{start:.4f}",
+                    f"{latency_ms:.3f}",
+                    status,
+                    outcome,
+                    params.get("bits", ""),
+                    slo_ms,
+                    precision,
+                    priority,
+                    params.get("queue_us", ""),
+                    params.get("compute_us", ""),
+                    params.get("batch_size", ""),
+                ]
+            )
+
+
+class _EnvShape(LoadTestShape):
+    """Users over time from LOADTEST_SHAPE (loadtest/shapes.py); active only when that shape is chosen."""
+
+    abstract = True
+
+    def tick(self) -> tuple[int, float] | None:
+        assert SHAPE is not None
+        t = self.get_run_time()
+        if t >= SHAPE.duration_s:
+            return None
+        if USER_RPS <= 0:  # closed loop: a fixed number of users, each sending as fast as replies come
+            return CLOSED_LOOP_USERS, SPAWN_RATE
+        return SHAPE.users(t, USER_RPS), SPAWN_RATE
+
+
+_chosen = SHAPE.name if SHAPE else ""
+
+
+class ConstantShape(_EnvShape):
+    abstract = _chosen != "constant"
+
+
+class StepShape(_EnvShape):
+    abstract = _chosen != "step"
+
+
+class SpikeShape(_EnvShape):
+    abstract = _chosen != "spike"
+
+
+class DiurnalShape(_EnvShape):
+    abstract = _chosen != "diurnal"
+
+
+class ReplayShape(_EnvShape):
+    abstract = _chosen != "replay"
+
+
+@events.quitting.add_listener
+def _slo_gate(environment, **_kwargs) -> None:
+    """Exit code: 0 when attainment >= LOADTEST_SLO_GATE, 1 below it, 2 when nothing was answered."""
+    if _log_file:
+        _log_file.close()
+    sent, good = _tally["sent"], _tally["good"]
+    attainment = good / sent if sent else 0.0
+    print(f"apserve loadtest: {sent} requests, SLO attainment {100 * attainment:.2f} %", file=sys.stderr)
+    if sent == 0:
+        environment.process_exit_code = 2
+    elif attainment < SLO_GATE:
+        print(f"apserve loadtest: below the SLO gate of {100 * SLO_GATE:.2f} %", file=sys.stderr)
+        environment.process_exit_code = 1
+    else:
+        environment.process_exit_code = 0
