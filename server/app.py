@@ -118,14 +118,16 @@ class Runtime:
         return str(name(bits)) if callable(name) else "custom"
 
 
-def build_runtime(settings: Settings, engine: Runner | None = None) -> Runtime:
+def build_runtime(
+    settings: Settings, engine: Runner | None = None, profile_data: Mapping[str, Any] | None = None
+) -> Runtime:
     model = artifact_store.load(settings.model_path)
     runner: Runner = engine if engine is not None else Engine(model, threads=settings.engine_threads)
     try:
         policy = build_policy(settings.policy, settings.policy_options)
     except PolicyError as exc:
         raise SettingsError(f"invalid setting policy: {exc}") from None
-    profile_data = _profile_dict(model, settings)
+    profile_data = dict(profile_data) if profile_data is not None else _profile_dict(model, settings)
     profiled = {int(r["bits"]) for r in profile_data.get("rows", [])}
     servable = tuple(b for b in model.bits if b in profiled) or model.bits
     if settings.default_bits not in servable:
@@ -289,9 +291,12 @@ _POLICY_OPENAPI = {
 # --- the app ------------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings, engine: Runner | None = None) -> FastAPI:
-    """The app for ``settings``; ``engine`` replaces the artifact's engine (tests use a controllable one)."""
-    prepared = build_runtime(settings, engine)
+def create_app(
+    settings: Settings, engine: Runner | None = None, profile_data: Mapping[str, Any] | None = None
+) -> FastAPI:
+    """The app for ``settings``; ``engine`` and ``profile_data`` (a profile dict) replace the artifact's engine
+    and the profile file (tests use controllable ones)."""
+    prepared = build_runtime(settings, engine, profile_data)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

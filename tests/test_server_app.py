@@ -1,0 +1,506 @@
+"""The app in-process (real FastAPI app, scheduler and worker threads) with a controllable engine.
+
+The engine double returns logits that encode its input (so a test sees which request ran, in which batch,
+at which bits) and can be held on a gate, so queueing, deadlines, priorities and batching are observable
+without timing assumptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_store.artifact import BITS
+from server.app import create_app
+from server.settings import Settings, SettingsError, load_settings
+
+INFER = "/v2/models/fashion-resnet/infer"
+PROFILE = {
+    "rows": [
+        {"bits": b, "batch": n, "backend": "test", "ms_median": 2.0 * n, "ms_p90": 2.0 * n}
+        for b in BITS
+        for n in (1, 8)
+    ],
+    "accuracy": {str(b): 0.8 + 0.01 * i for i, b in enumerate(BITS)},
+}
+
+
+class GatedEngine:
+    """Logits row i = [first pixel of image i, bits, 0...]; ``run`` waits while the gate is closed."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[tuple[int, list[int]]] = []  # (bits, first pixel of each image)
+        self.started = threading.Event()
+
+    def backend(self, bits: int) -> str:
+        return "gated-test"
+
+    def run(self, batch: np.ndarray, bits: int) -> np.ndarray:
+        pixels = batch.reshape(batch.shape[0], -1)
+        firsts = [int(round(float(v) * 255)) if batch.dtype != np.uint8 else int(v) for v in pixels[:, 0]]
+        self.calls.append((bits, firsts))
+        self.started.set()
+        assert self.gate.wait(10), "test gate never opened"
+        logits = np.zeros((batch.shape[0], 10), dtype=np.float32)
+        logits[:, 0] = firsts
+        logits[:, 1] = bits
+        return logits
+
+
+def _settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {"max_batch_size": 8, "max_queue_size": 16, "policy": "hint"}
+    base.update(overrides)
+    return load_settings(None, **base)
+
+
+@asynccontextmanager
+async def serving(engine: GatedEngine | None = None, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(_settings(**overrides), engine=engine or GatedEngine(), profile_data=PROFILE)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://apserve.test", timeout=20) as client:
+            yield client
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+def body(first: int = 1, n: int = 1, parameters: dict | None = None, datatype: str = "UINT8") -> dict:
+    data: list[float] = []
+    for i in range(n):
+        image = [0] * 784
+        image[0] = first + i
+        data.extend(image)
+    if datatype == "FP32":
+        data = [v / 255 for v in data]
+    req: dict[str, Any] = {"inputs": [{"name": "image", "datatype": datatype, "shape": [n, 784], "data": data}]}
+    if parameters:
+        req["parameters"] = parameters
+    return req
+
+
+async def wait_for(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- protocol over HTTP -----------------------------------------------------------------------------
+
+
+def test_metadata_health_and_config() -> None:
+    async def test() -> None:
+        async with serving() as c:
+            assert (await c.get("/v2")).json()["name"] == "apserve"
+            assert (await c.get("/v2/health/live")).status_code == 200
+            assert (await c.get("/v2/health/ready")).status_code == 200
+            assert (await c.get("/v2/models/fashion-resnet/ready")).status_code == 200
+            meta = (await c.get("/v2/models/fashion-resnet")).json()
+            assert meta["inputs"][0]["name"] == "image" and meta["outputs"][0]["name"] == "logits"
+            bits = {row["bits"]: row for row in meta["servable_bits"]}
+            assert set(bits) == set(BITS) and bits[8]["latency_ms"]["1"] == 2.0
+            assert bits[1]["accuracy"] == pytest.approx(0.8)
+            config = (await c.get("/v2/models/fashion-resnet/config")).json()
+            assert config["max_batch_size"] == 8 and config["input"][0]["dims"] == [784]
+            missing = await c.get("/v2/models/other")
+            assert missing.status_code == 404 and "other" in missing.json()["error"]
+
+    run(test)
+
+
+def test_json_infer_echoes_bits_and_timings() -> None:
+    async def test() -> None:
+        async with serving() as c:
+            r = await c.post(INFER, json={**body(5, n=2), "id": "req-1"})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["id"] == "req-1" and out["model_name"] == "fashion-resnet"
+            logits = np.array(out["outputs"][0]["data"]).reshape(out["outputs"][0]["shape"])
+            assert logits.shape == (2, 10) and list(logits[:, 0]) == [5, 6]
+            p = out["parameters"]
+            assert p["bits"] == 8 and p["batch_size"] == 2  # hint policy, no hint: default bits
+            assert p["queue_us"] >= 0 and p["compute_us"] >= 0
+
+    run(test)
+
+
+def test_binary_tensors_in_and_out() -> None:
+    async def test() -> None:
+        async with serving() as c:
+            images = np.zeros((3, 1, 28, 28), dtype=np.float32)
+            images[:, 0, 0, 0] = np.array([10, 20, 30]) / 255
+            raw = images.tobytes()
+            head = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "FP32",
+                            "shape": [3, 1, 28, 28],
+                            "parameters": {"binary_data_size": len(raw)},
+                        }
+                    ],
+                    "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+                    "parameters": {"precision": 2},
+                }
+            ).encode()
+            r = await c.post(INFER, content=head + raw, headers={"Inference-Header-Content-Length": str(len(head))})
+            assert r.status_code == 200, r.text
+            n = int(r.headers["inference-header-content-length"])
+            header = json.loads(r.content[:n])
+            logits = np.frombuffer(r.content[n:], dtype="<f4").reshape(3, 10)
+            assert list(logits[:, 0]) == [10, 20, 30] and list(logits[:, 1]) == [2, 2, 2]
+            assert header["parameters"]["bits"] == 2
+
+    run(test)
+
+
+def test_precision_hints_are_honoured_or_refused() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        async with serving(engine) as c:
+            r = await c.post(INFER, json=body(parameters={"precision": 3}))
+            assert r.json()["parameters"]["bits"] == 3 and engine.calls[-1][0] == 3
+            r = await c.post(INFER, json=body(parameters={"precision": 32}))
+            assert r.json()["parameters"]["bits"] == 32
+            r = await c.post(INFER, json=body(parameters={"min_bits": 2, "max_bits": 4}))
+            assert 2 <= r.json()["parameters"]["bits"] <= 4
+        async with serving(engine, policy="fixed-8") as c:
+            calls = len(engine.calls)
+            r = await c.post(INFER, json=body(parameters={"precision": 4}))  # strict: never run at 8
+            assert r.status_code == 422 and "strict precision 4" in r.json()["error"]
+            assert len(engine.calls) == calls
+            r = await c.post(INFER, json=body(parameters={"precision": 4, "precision_policy": "best_effort"}))
+            assert r.status_code == 200 and r.json()["parameters"]["bits"] == 8
+
+    run(test)
+
+
+def test_bits_missing_from_the_profile_are_not_servable() -> None:
+    async def test() -> None:
+        profile = {"rows": [row for row in PROFILE["rows"] if row["bits"] != 5]}
+        app = create_app(_settings(), engine=GatedEngine(), profile_data=profile)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                r = await c.post(INFER, json=body(parameters={"precision": 5}))
+                assert r.status_code == 422 and "5" in r.json()["error"]
+
+    run(test)
+
+
+# --- scheduling -------------------------------------------------------------------------------------
+
+
+def test_deadline_passing_in_queue_answers_504_without_compute() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        engine.gate.clear()
+        async with serving(engine, workers=1) as c:
+            blocker = asyncio.create_task(c.post(INFER, json=body(1)))
+            await wait_for(engine.started.is_set, "first batch to start")
+            late = await c.post(INFER, json=body(2, parameters={"timeout": 50_000}))  # 50 ms, queued behind
+            assert late.status_code == 504 and "deadline" in late.json()["error"]
+            engine.gate.set()
+            assert (await blocker).status_code == 200
+            assert all(2 not in firsts for _, firsts in engine.calls)  # never computed
+            metrics = (await c.get("/metrics")).text
+            assert 'apserve_requests_total{bits="none",outcome="timeout"} 1.0' in metrics
+
+    run(test)
+
+
+def test_impossible_deadline_is_refused_at_once() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        async with serving(engine) as c:
+            r = await c.post(INFER, json=body(parameters={"slo_ms": 1}))  # profile: 2 ms at best
+            assert r.status_code == 503 and "cannot be met" in r.json()["error"] and "retry-after" in r.headers
+            assert engine.calls == []
+
+    run(test)
+
+
+def test_full_queue_answers_429_with_retry_after() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        engine.gate.clear()
+        async with serving(engine, workers=1, max_queue_size=2) as c:
+            first = asyncio.create_task(c.post(INFER, json=body(1)))
+            await wait_for(engine.started.is_set, "first batch to start")
+            queued = [asyncio.create_task(c.post(INFER, json=body(i))) for i in (2, 3)]
+            for _ in range(100):
+                if "apserve_queue_depth 2.0" in (await c.get("/metrics")).text:
+                    break
+                await asyncio.sleep(0.01)
+            r = await c.post(INFER, json=body(4))
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "queue is full" in r.json()["error"]
+            engine.gate.set()
+            assert [t.status_code for t in await asyncio.gather(first, *queued)] == [200, 200, 200]
+
+    run(test)
+
+
+def test_priority_then_deadline_order() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        engine.gate.clear()
+        async with serving(engine, workers=1, max_batch_size=1) as c:
+            first = asyncio.create_task(c.post(INFER, json=body(1)))
+            await wait_for(engine.started.is_set, "first batch to start")
+            tasks = [
+                asyncio.create_task(c.post(INFER, json=body(10, parameters={"priority": 3}))),
+                asyncio.create_task(c.post(INFER, json=body(20, parameters={"priority": 1, "slo_ms": 5000}))),
+                asyncio.create_task(c.post(INFER, json=body(30, parameters={"priority": 1, "slo_ms": 1000}))),
+                asyncio.create_task(c.post(INFER, json=body(40))),  # default priority 2
+            ]
+            await asyncio.sleep(0.3)
+            engine.gate.set()
+            assert all(r.status_code == 200 for r in await asyncio.gather(first, *tasks))
+            order = [firsts[0] for _, firsts in engine.calls]
+            assert order == [1, 30, 20, 40, 10]
+
+    run(test)
+
+
+def test_requests_queued_behind_a_batch_are_batched_together() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        engine.gate.clear()
+        async with serving(engine, workers=1) as c:
+            first = asyncio.create_task(c.post(INFER, json=body(1)))
+            await wait_for(engine.started.is_set, "first batch to start")
+            tasks = [asyncio.create_task(c.post(INFER, json=body(i, n=2))) for i in (10, 20, 30)]
+            strict4 = asyncio.create_task(c.post(INFER, json=body(40, parameters={"precision": 4})))
+            await asyncio.sleep(0.3)
+            engine.gate.set()
+            results = await asyncio.gather(first, *tasks, strict4)
+            assert all(r.status_code == 200 for r in results)
+            assert [r.json()["parameters"]["batch_size"] for r in results[1:4]] == [6, 6, 6]
+            assert engine.calls[1] == (8, [10, 11, 20, 21, 30, 31])  # only requests that allow 8 bits
+            assert engine.calls[2] == (4, [40]) and results[4].json()["parameters"]["bits"] == 4
+
+    run(test)
+
+
+def test_batching_delay_waits_for_a_fuller_batch() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        async with serving(engine, max_queue_delay_ms=300) as c:
+            results = await asyncio.gather(*(c.post(INFER, json=body(i)) for i in (1, 2, 3)))
+            assert [r.json()["parameters"]["batch_size"] for r in results] == [3, 3, 3]
+            assert len(engine.calls) == 1
+
+    run(test)
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "names"),
+    [
+        (b"{", {}, 400, "JSON"),
+        (
+            json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 784], "data": [0] * 784}]}),
+            {},
+            400,
+            "'x'",
+        ),
+        (json.dumps(body(parameters={"precision": 12})), {}, 400, "precision"),
+        (json.dumps(body(parameters={"min_bits": 8, "max_bits": 2})), {}, 400, "min_bits"),
+        (
+            json.dumps({"inputs": [{"name": "image", "datatype": "BOOL", "shape": [1, 784], "data": [0] * 784}]}),
+            {},
+            400,
+            "BOOL",
+        ),
+        (
+            json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 784], "data": [2.0] * 784}]}),
+            {},
+            400,
+            "[0, 1]",
+        ),
+        (json.dumps(body()), {"Inference-Header-Content-Length": "99999"}, 400, "Inference-Header-Content-Length"),
+        (b"x" * 5000, {}, 413, "limit"),
+    ],
+)
+def test_bad_input_gets_4xx_naming_the_problem(content: bytes | str, headers: dict, status: int, names: str) -> None:
+    async def test() -> None:
+        async with serving(max_body_bytes=4096) as c:
+            r = await c.post(INFER, content=content, headers=headers)
+            assert r.status_code == status and names in r.json()["error"]
+            ok = await c.post(INFER, json=body())  # and the server still serves
+            assert ok.status_code == 200
+
+    run(test)
+
+
+def test_unknown_model_and_route() -> None:
+    async def test() -> None:
+        async with serving() as c:
+            r = await c.post("/v2/models/nope/infer", json=body())
+            assert r.status_code == 404 and "nope" in r.json()["error"]
+            assert "error" in (await c.get("/v2/nothing")).json()
+
+    run(test)
+
+
+# --- /v1/classify -----------------------------------------------------------------------------------
+
+
+def _image(fmt: str, size: tuple[int, int] = (300, 200), background: int = 255) -> bytes:
+    image = Image.new("RGB", size, (background,) * 3)
+    image.paste((40, 40, 40), (100, 50, 200, 150))
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_classify_png_and_jpeg() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        async with serving(engine) as c:
+            r = await c.post("/v1/classify?precision=2", files={"file": ("shirt.png", _image("PNG"), "image/png")})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["bits"] == 2 and len(out["top5"]) == 5 and out["inverted"] is True
+            assert sum(t["probability"] for t in out["top5"]) <= 1.0 + 1e-6
+            assert out["top5"][0]["label"] in ("T-shirt/top", "Trouser") and engine.calls[-1][0] == 2
+            r = await c.post("/v1/classify", content=_image("JPEG"), headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 200 and r.json()["bits"] == 8
+            bad = await c.post("/v1/classify", files={"file": ("x.png", b"not an image", "image/png")})
+            assert bad.status_code == 400 and "decodable" in bad.json()["error"]
+            bad = await c.post("/v1/classify?precision=11", content=_image("PNG"))
+            assert bad.status_code == 400 and "precision" in bad.json()["error"]
+            bad = await c.post("/v1/classify", files={"other": ("x.png", _image("PNG"), "image/png")})
+            assert bad.status_code == 400 and "'file'" in bad.json()["error"]
+
+    run(test)
+
+
+# --- admin API ---------------------------------------------------------------------------------------
+
+
+def test_admin_api_is_off_without_a_token() -> None:
+    async def test() -> None:
+        async with serving() as c:
+            r = await c.get("/v1/policy", headers={"Authorization": "Bearer x"})
+            assert r.status_code == 404 and "APSERVE_ADMIN_TOKEN" in r.json()["error"]
+
+    run(test)
+
+
+def test_admin_auth_and_validation() -> None:
+    async def test() -> None:
+        async with serving(admin_token="s3cret") as c:
+            assert (await c.get("/v1/policy")).status_code == 401
+            assert (await c.get("/v1/policy", headers={"Authorization": "Basic s3cret"})).status_code == 401
+            assert (await c.get("/v1/policy", headers={"Authorization": "Bearer wrong"})).status_code == 403
+            auth = {"Authorization": "Bearer s3cret"}
+            assert (await c.get("/v1/policy", headers=auth)).json()["policy"] == "hint"
+            assert (await c.put("/v1/policy", json={"policy": "fixed-4"})).status_code == 401
+            r = await c.put("/v1/policy", json={"policy": "nonsense"}, headers=auth)
+            assert r.status_code == 422 and "nonsense" in r.json()["error"]
+            r = await c.put("/v1/policy", json={"policy": "fixed-4", "colour": "red"}, headers=auth)
+            assert r.status_code == 422 and "colour" in r.json()["error"]
+            r = await c.put("/v1/policy", json={"nopolicy": 1}, headers=auth)
+            assert r.status_code == 422
+            r = await c.put("/v1/policy", json={"policy": "fixed-4"}, headers=auth)
+            assert r.status_code == 200 and r.json() == {"policy": "fixed-4", "options": {}, "previous": "hint"}
+            assert (await c.get("/v1/policy", headers=auth)).json()["policy"] == "fixed-4"
+            assert (await c.post(INFER, json=body())).json()["parameters"]["bits"] == 4
+            assert 'policy="fixed-4"' in (await c.get("/metrics")).text
+
+    run(test)
+
+
+def test_policy_swap_under_load_loses_no_request() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        engine.gate.clear()
+        async with serving(engine, workers=1, max_batch_size=2, admin_token="t") as c:
+            first = asyncio.create_task(c.post(INFER, json=body(1)))
+            await wait_for(engine.started.is_set, "first batch to start")
+            before = [asyncio.create_task(c.post(INFER, json=body(i))) for i in range(2, 8)]
+            await asyncio.sleep(0.2)
+            r = await c.put("/v1/policy", json={"policy": "fixed-2"}, headers={"Authorization": "Bearer t"})
+            assert r.status_code == 200
+            after = [asyncio.create_task(c.post(INFER, json=body(i))) for i in range(8, 12)]
+            engine.gate.set()
+            results = await asyncio.gather(first, *before, *after)
+            assert [r.status_code for r in results] == [200] * 11
+            assert {r.json()["parameters"]["bits"] for r in results[1:]} == {2}  # all queued work under the new policy
+            served = sorted(f for _, firsts in engine.calls for f in firsts)
+            assert served == list(range(1, 12))
+
+    run(test)
+
+
+# --- metrics and settings ----------------------------------------------------------------------------
+
+METRIC_NAMES = [
+    "apserve_requests_total",
+    "apserve_images_total",
+    "apserve_request_duration_seconds_bucket",
+    "apserve_queue_duration_seconds_bucket",
+    "apserve_compute_duration_seconds_bucket",
+    "apserve_batch_size_bucket",
+    "apserve_queue_depth",
+    "apserve_batches_total",
+    "apserve_slo_violations_total",
+    "apserve_rejections_total",
+    "apserve_served_accuracy",
+    "apserve_backend_info",
+    "apserve_build_info",
+]
+
+
+def test_metrics_expose_the_documented_names() -> None:
+    async def test() -> None:
+        async with serving(slo_ms=5000) as c:
+            await c.post(INFER, json=body(n=3, parameters={"precision": 1}))
+            await c.post(INFER, json=body(parameters={"precision": 99}))
+            text = (await c.get("/metrics")).text
+            for name in METRIC_NAMES:
+                assert f"\n{name}" in text, name
+            assert 'apserve_images_total{bits="1"} 3.0' in text
+            assert 'apserve_batches_total{bits="1",policy="hint",reason="hint"} 1.0' in text
+            assert 'apserve_requests_total{bits="none",outcome="invalid"} 1.0' in text
+            assert 'apserve_rejections_total{reason="queue_full"} 0.0' in text
+            assert "apserve_slo_seconds 5.0" in text
+            assert 'le="0.0025"' in text
+
+    run(test)
+
+
+def test_invalid_settings_name_the_setting(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError, match="max_batch_size"):
+        load_settings(None, max_batch_size=0)
+    with pytest.raises(SettingsError, match="default_bits"):
+        load_settings(None, default_bits=9)
+    config = tmp_path / "apserve.yaml"
+    config.write_text("port: 9001\nmax-queue-size: 7\npolicy: fixed-2\n")
+    assert load_settings(config).max_queue_size == 7
+    monkeypatch.setenv("APSERVE_MAX_QUEUE_SIZE", "9")
+    settings = load_settings(config, port=9100)
+    assert (settings.max_queue_size, settings.port, settings.policy) == (9, 9100, "fixed-2")  # flag > env > file
+    config.write_text("colour: red\n")
+    with pytest.raises(SettingsError, match="colour"):
+        load_settings(config)
+    with pytest.raises(SettingsError, match="policy"):
+        create_app(load_settings(None, policy="fastest"), engine=GatedEngine(), profile_data=PROFILE)
