@@ -66,8 +66,10 @@ def _settings(**overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def serving(engine: GatedEngine | None = None, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(_settings(**overrides), engine=engine or GatedEngine(), profile_data=PROFILE)
+async def serving(
+    engine: GatedEngine | None = None, profile_data: dict | None = None, **overrides: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(_settings(**overrides), engine=engine or GatedEngine(), profile_data=profile_data or PROFILE)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://apserve.test", timeout=20) as client:
@@ -194,11 +196,9 @@ def test_precision_hints_are_honoured_or_refused() -> None:
 def test_bits_missing_from_the_profile_are_not_servable() -> None:
     async def test() -> None:
         profile = {"rows": [row for row in PROFILE["rows"] if row["bits"] != 5]}
-        app = create_app(_settings(), engine=GatedEngine(), profile_data=profile)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-                r = await c.post(INFER, json=body(parameters={"precision": 5}))
-                assert r.status_code == 422 and "5" in r.json()["error"]
+        async with serving(profile_data=profile) as c:
+            r = await c.post(INFER, json=body(parameters={"precision": 5}))
+            assert r.status_code == 422 and "5" in r.json()["error"]
 
     run(test)
 
