@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from model_store import artifact, fashion_mnist
+from training.check import max_relative_difference
 from training.export import export
 from training.model import AnyPrecisionResNet
 from training.train import Recipe, evaluate, train
@@ -33,6 +34,11 @@ def finish(
         "validation": {str(b): evaluate(model, val, b) for b in bits},
         "test": {str(b): evaluate(model, test, b) for b in bits},
     }
+    export(model, path, accuracy=acc, training=summary)
+    diff = max_relative_difference(model, artifact.load(path), test.images[:256])
+    if max(diff.values()) > 1e-3:
+        raise RuntimeError(f"the exported artifact does not reproduce the model: {diff}")
+    summary = {**summary, "reference_max_relative_difference": {str(b): d for b, d in diff.items()}}
     export(model, path, accuracy=acc, training=summary)
     result = {"artifact": str(path), "recipe": recipe.name, "accuracy": acc, "train_seconds": summary["train_seconds"]}
     print(json.dumps(result, indent=1), file=sys.stdout if json_out else sys.stderr)

@@ -76,6 +76,11 @@ class Recipe:
         return sorted({*self.always_bits, *self.sampled_bits}, reverse=True)
 
 
+def _math_of(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe less the settings that do not change what is computed (threads, checkpointing)."""
+    return {k: v for k, v in recipe.items() if k not in ("threads", "checkpoint_every", "name")}
+
+
 def step_bits(recipe: Recipe, rng: random.Random) -> list[int]:
     """The bit-widths of one step, highest first."""
     chosen = set(recipe.always_bits)
@@ -158,7 +163,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = True) -> tuple[AnyPrecis
     ckpt = out_dir / "checkpoint.pt"
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["recipe"] != recipe.as_dict():
+        if _math_of(state["recipe"]) != _math_of(recipe.as_dict()):
             raise ValueError(f"{ckpt} was written by another recipe; use a fresh --out directory")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
