@@ -1,0 +1,269 @@
+"""Server benchmark: overhead over the engine at low load, and saturated throughput against the baseline.
+
+Every server runs pinned to one core (``taskset -c SERVER_CPU``), the load client to another
+(``taskset -c LOAD_CPU``); all runs happen side by side in one invocation, so compare the ratios.
+
+    .venv/bin/python bench/bench_server.py --duration 10 --json
+
+1. Overhead: apserve fixed-8, one connection, one binary 1-image request at a time. Per request,
+   overhead = client-observed latency - the engine time the server measured around ``Engine.run``
+   (the ``compute_us`` response parameter). Reported: p50 of the overhead, and p50 latency and compute.
+2. Throughput: C concurrent keep-alive connections, closed loop, binary 1-image requests, for apserve
+   fixed-8, apserve fixed-1 and the baseline (bench/baseline_server.py: FastAPI + onnxruntime int8,
+   no batching). Reported: requests/s, ratios fixed-8 / baseline and fixed-1 / fixed-8.
+
+The load client is a small asyncio HTTP/1.1 client on raw sockets (a few µs per request), so it is not
+the bottleneck of a one-core server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+MODEL = "fashion-resnet"
+
+
+# --- the load client (runs in its own process) -------------------------------------------------------
+
+
+def infer_request(host: str, port: int, images: int = 1) -> bytes:
+    pixels = bytes((i * 37) % 256 for i in range(784 * images))
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": [images, 784],
+                    "parameters": {"binary_data_size": len(pixels)},
+                }
+            ]
+        }
+    ).encode()
+    body = header + pixels
+    head = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def _one_connection(
+    host: str, port: int, request: bytes, stop_at: float, results: list[tuple[int, float, int]], parse: bool
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            body = await reader.readexactly(length)
+            latency = time.perf_counter() - start
+            compute_us = -1
+            if parse and status == 200:
+                compute_us = int(json.loads(body).get("parameters", {}).get("compute_us", -1))
+            results.append((status, latency, compute_us))
+    finally:
+        writer.close()
+
+
+async def _drive(url: str, concurrency: int, duration: float, warmup: float, parse: bool) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").split(":")
+    request = infer_request(host, int(port))
+    warm: list[tuple[int, float, int]] = []
+    await asyncio.gather(
+        *(
+            _one_connection(host, int(port), request, time.perf_counter() + warmup, warm, parse)
+            for _ in range(concurrency)
+        )
+    )
+    results: list[tuple[int, float, int]] = []
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(_one_connection(host, int(port), request, start + duration, results, parse) for _ in range(concurrency))
+    )
+    elapsed = time.perf_counter() - start
+    ok = [r for r in results if r[0] == 200]
+    latencies = sorted(r[1] for r in ok)
+    out: dict[str, Any] = {
+        "requests": len(results),
+        "ok": len(ok),
+        "seconds": elapsed,
+        "rps": len(ok) / elapsed,
+        "p50_ms": 1e3 * latencies[len(latencies) // 2] if latencies else None,
+        "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99)] if latencies else None,
+    }
+    if parse and ok:
+        overhead = sorted(r[1] * 1e6 - r[2] for r in ok if r[2] >= 0)
+        out["compute_p50_ms"] = statistics.median(r[2] for r in ok) / 1e3
+        out["overhead_p50_ms"] = overhead[len(overhead) // 2] / 1e3
+    return out
+
+
+def client_main(args: argparse.Namespace) -> int:
+    result = asyncio.run(_drive(args.client, args.concurrency, args.duration, args.warmup, args.parse))
+    print(json.dumps(result))
+    return 0
+
+
+# --- orchestration --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pinned(cpu: str | None, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *argv] if cpu and shutil.which("taskset") else argv
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("server not ready")
+
+
+class Server:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cpu: str | None):
+        self.name = name
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full = [*argv, "--port", str(self.port)]
+        self.proc = subprocess.Popen(_pinned(cpu, full), env={**os.environ, **env}, cwd=ROOT)
+
+    def __enter__(self) -> Server:
+        _wait_ready(self.url, self.proc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _load(url: str, cpu: str | None, concurrency: int, duration: float, warmup: float, parse: bool) -> dict[str, Any]:
+    argv = [PYTHON, str(Path(__file__).resolve()), "--client", url, "--concurrency", str(concurrency)]
+    argv += ["--duration", str(duration), "--warmup", str(warmup)] + (["--parse"] if parse else [])
+    out = subprocess.run(_pinned(cpu, argv), capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout))
+
+
+def _apserve(policy: str, args: argparse.Namespace) -> Server:
+    env = {
+        "APSERVE_POLICY": policy,
+        "APSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "APSERVE_WORKERS": "1",
+        "APSERVE_ENGINE_THREADS": "1",
+        "APSERVE_MAX_QUEUE_SIZE": str(max(256, 4 * args.concurrency)),
+        "APSERVE_LOG_LEVEL": "warning",
+    }
+    return Server(f"apserve {policy}", [PYTHON, "-m", "server.cli", "serve"], env, args.server_cpu)
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(ROOT))
+    from bench.baseline_server import build_int8_onnx
+
+    print("building the baseline's int8 ONNX model ...", file=sys.stderr)
+    build_int8_onnx()
+    report: dict[str, Any] = {
+        "command": " ".join([Path(PYTHON).name, *sys.argv]),
+        "server_cpu": args.server_cpu,
+        "load_cpu": args.load_cpu,
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "max_batch_size": args.max_batch_size,
+    }
+    git = subprocess.run(["git", "log", "-1", "--format=%h %s", "--", "kernels/"], capture_output=True, text=True)
+    report["kernels_commit"] = git.stdout.strip()
+
+    with _apserve("fixed-8", args) as server:
+        print("low load, apserve fixed-8 ...", file=sys.stderr)
+        report["low_load_fixed8"] = _load(server.url, args.load_cpu, 1, args.duration, args.warmup, parse=True)
+        print("saturated, apserve fixed-8 ...", file=sys.stderr)
+        report["saturated_fixed8"] = _load(
+            server.url, args.load_cpu, args.concurrency, args.duration, args.warmup, False
+        )
+    with _apserve("fixed-1", args) as server:
+        print("saturated, apserve fixed-1 ...", file=sys.stderr)
+        report["saturated_fixed1"] = _load(
+            server.url, args.load_cpu, args.concurrency, args.duration, args.warmup, False
+        )
+    baseline_argv = [PYTHON, str(ROOT / "bench" / "baseline_server.py"), "--threads", "1"]
+    with Server("baseline", baseline_argv, {}, args.server_cpu) as server:
+        print("saturated, baseline ...", file=sys.stderr)
+        report["saturated_baseline"] = _load(
+            server.url, args.load_cpu, args.concurrency, args.duration, args.warmup, False
+        )
+
+    f8, f1, base = (report[f"saturated_{k}"]["rps"] for k in ("fixed8", "fixed1", "baseline"))
+    report["ratio_fixed8_over_baseline"] = f8 / base if base else None
+    report["ratio_fixed1_over_fixed8"] = f1 / f8 if f8 else None
+    low = report["low_load_fixed8"]
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"low load (fixed-8, 1 connection): p50 latency {low['p50_ms']:.3f} ms, engine p50 "
+              f"{low.get('compute_p50_ms', float('nan')):.3f} ms, overhead p50 {low.get('overhead_p50_ms', float('nan')):.3f} ms")  # fmt: skip
+        for key in ("fixed8", "fixed1", "baseline"):
+            row = report[f"saturated_{key}"]
+            print(
+                f"saturated {key:>9}: {row['rps']:9.1f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
+            )
+        print(f"fixed-8 / baseline = {report['ratio_fixed8_over_baseline']:.2f}   "
+              f"fixed-1 / fixed-8 = {report['ratio_fixed1_over_fixed8']:.2f}")  # fmt: skip
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of measured load per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load first")
+    parser.add_argument("--concurrency", type=int, default=64, help="connections for the saturated runs")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--server-cpu", default="0")
+    parser.add_argument("--load-cpu", default="1")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run as the load client
+    parser.add_argument("--parse", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    return client_main(args) if args.client else bench_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
