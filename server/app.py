@@ -147,7 +147,13 @@ def build_runtime(
         servable=servable,
         accuracy=accuracy,
     )
-    on_batch = getattr(meter, "record_batch", None)
+    record_batch = getattr(meter, "record_batch", None)
+
+    def on_batch(bits: int, images: int, seconds: float) -> None:
+        joules = record_batch(bits, images, seconds) if record_batch is not None else None
+        if joules:
+            metrics.energy.inc(float(joules))
+
     scheduler = Scheduler(runner, policy, profile, config, metrics, power_meter=meter, on_batch=on_batch)
     runtime = Runtime(
         settings=settings,
