@@ -72,6 +72,26 @@ class _Pending:
     escalated: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class _BitsSeries:
+    ok: Any
+    duration: Any
+    compute: Any
+    batch_size: Any
+    images: Any
+
+    @classmethod
+    def of(cls, m: Metrics, bits: int) -> _BitsSeries:
+        label = bits_label(bits)
+        return cls(
+            ok=m.requests.labels(outcome="ok", bits=label),
+            duration=m.request_duration.labels(bits=label),
+            compute=m.compute_duration.labels(bits=label),
+            batch_size=m.batch_size.labels(bits=label),
+            images=m.images.labels(bits=label),
+        )
+
+
 def _order_key(req: QueuedRequest) -> tuple[int, float, float, int]:
     return (req.priority, math.inf if req.deadline is None else req.deadline, req.arrival, req.id)
 
@@ -116,6 +136,9 @@ class Scheduler:
         self._pool: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # labelled metric children, looked up once: .labels() costs a few µs per call on the hot path
+        self._bits_series: dict[int, _BitsSeries] = {}
+        self._batch_counters: dict[tuple[int, str, str], Any] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -356,12 +379,11 @@ class Scheduler:
             self._inflight -= 1
             self._wake.set()
         images = int(logits.shape[0])
-        label = bits_label(bits)
-        m = self.metrics
-        m.batches.labels(bits=label, policy=self._policy.name, reason=reason or "none").inc()
-        m.compute_duration.labels(bits=label).observe(seconds)
-        m.batch_size.labels(bits=label).observe(images)
-        m.images.labels(bits=label).inc(images)
+        series = self._series(bits)
+        self._batch_counter(bits, reason).inc()
+        series.compute.observe(seconds)
+        series.batch_size.observe(images)
+        series.images.inc(images)
         if self._on_batch is not None:
             self._on_batch(bits, images, seconds)
         self._track_accuracy(bits, images)
@@ -383,14 +405,28 @@ class Scheduler:
                 self._escalate(pending, escalate_to)
                 continue
             req = pending.request
-            m.requests.labels(outcome="ok", bits=label).inc()
-            m.request_duration.labels(bits=label).observe(done - req.arrival)
+            series.ok.inc()
+            series.duration.observe(done - req.arrival)
             if req.deadline is not None and done > req.deadline:
-                m.slo_violations.inc()
+                self.metrics.slo_violations.inc()
             if not pending.future.done():
                 pending.future.set_result(
                     Outcome(rows, bits, int(1e6 * pending.queue_s), int(1e6 * pending.compute_s), images)
                 )
+
+    def _series(self, bits: int) -> _BitsSeries:
+        series = self._bits_series.get(bits)
+        if series is None:
+            series = self._bits_series[bits] = _BitsSeries.of(self.metrics, bits)
+        return series
+
+    def _batch_counter(self, bits: int, reason: str) -> Any:
+        key = (bits, self._policy.name, reason or "none")
+        counter = self._batch_counters.get(key)
+        if counter is None:
+            counter = self.metrics.batches.labels(bits=bits_label(bits), policy=key[1], reason=key[2])
+            self._batch_counters[key] = counter
+        return counter
 
     def _escalate(self, pending: _Pending, bits: int) -> None:
         """Re-queue as a strict request at ``bits``; it keeps its arrival, deadline and priority."""
