@@ -30,6 +30,7 @@ from loadtest.shapes import SHAPES, build_shape
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+STOP_TIMEOUT_S = 30
 
 
 class LoadtestError(RuntimeError):
@@ -279,6 +280,9 @@ def run(opts: LoadtestOptions, progress: bool = True) -> dict[str, Any]:
             "WARNING",
             "--csv",
             str(out / "locust"),
+            # when the shape ends, requests in flight are still answered and logged (none is lost)
+            "--stop-timeout",
+            str(STOP_TIMEOUT_S),
         ]
         with open(out / "locust.log", "wb") as locust_log:
             try:
@@ -287,7 +291,7 @@ def run(opts: LoadtestOptions, progress: bool = True) -> dict[str, Any]:
                     env=_locust_env(opts, log),
                     stdout=locust_log,
                     stderr=subprocess.STDOUT,
-                    timeout=opts.duration_s + 60,
+                    timeout=opts.duration_s + STOP_TIMEOUT_S + 60,
                     check=False,
                 )
             except subprocess.TimeoutExpired:

@@ -1,0 +1,113 @@
+"""`apserve loadtest` for real: Locust (a subprocess) against `apserve serve` (a subprocess), a few seconds of load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+APSERVE = Path(sys.executable).with_name("apserve")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def loadtest(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APSERVE_", "LOADTEST_"))}
+    return subprocess.run(
+        [str(APSERVE), "loadtest", *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APSERVE_")}
+    env.update(APSERVE_PORT=str(port), APSERVE_POLICY="hint")
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(APSERVE), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, "apserve serve exited"
+            try:
+                if httpx.get(f"{url}/v2/health/ready").is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "apserve serve not ready"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_loadtest_starts_a_server_and_writes_a_sane_report(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = loadtest(
+        "--shape", "spike", "--policy", "hint", "--duration", "4", "--rps", "2", "--peak-rps", "6",
+        "--precision-mix", "1:3,2:1", "--slo-mix", "5000", "--user-rps", "1", "--out", str(out), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(result.stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert printed["requests"] == report["requests"] and "timeseries" not in printed
+    assert report["shape"] == "spike" and report["policy"] == "hint"
+    assert report["requests"] >= 3
+    assert sum(report["outcomes"].values()) == report["requests"]
+    assert report["outcomes"]["ok"] >= 1 and report["outcomes"]["invalid"] == 0
+    assert 0.0 <= report["slo_attainment"] <= 1.0
+    assert set(report["bits"]) <= {"1", "2"}  # the hint policy honours the hints
+    assert report["p50_ms"] <= report["p99_ms"]
+    assert report["energy_j"] is not None and report["energy_j"] >= 0
+    for name in ("latency.png", "bits.png", "throughput.png", "accuracy.png"):
+        assert (out / name).read_bytes().startswith(PNG), name
+    rows = (out / "requests.csv").read_text().splitlines()
+    assert rows[0].startswith("t,latency_ms,status,outcome,bits") and len(rows) == report["requests"] + 1
+    # the server it started was shut down cleanly (uvicorn says so as its last word)
+    assert "Finished server process" in (out / "server.log").read_text()
+
+
+def test_slo_gate_fails_a_run_that_misses_its_slo(server_url: str, tmp_path: Path) -> None:
+    # a 0.01 ms SLO cannot be met: every request misses and the gate fails the run (exit code 1)
+    out = tmp_path / "gate"
+    result = loadtest(
+        "--url", server_url, "--shape", "constant", "--duration", "2", "--rps", "3", "--precision-mix", "1",
+        "--slo-mix", "0.01", "--slo-gate", "0.99", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "below the SLO gate" in (out / "locust.log").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["requests"] >= 1 and report["slo_attainment"] == 0.0
+    assert report["locust_exit_code"] == 1 and report["policy"] is None and report["url"] == server_url
+
+
+def test_bad_settings_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    for args, message in [
+        (["--shape", "replay"], "needs a trace"),
+        (["--precision-mix", "9"], "not one of"),
+        (["--slo-gate", "2"], "SLO gate"),
+        (["--server-env", "PATH=/"], "APSERVE_NAME=VALUE"),
+    ]:
+        result = loadtest(*args, "--out", str(tmp_path / "x"), timeout=30)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
