@@ -69,7 +69,7 @@ class Shape:
 
 
 def read_trace(path: Path) -> list[float]:
-    """Arrival times (seconds, column `t` or the first column) from a CSV trace, sorted."""
+    """Arrival times (seconds: column `arrival_s`, `t` or the first) from a CSV trace, sorted."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
@@ -78,7 +78,7 @@ def read_trace(path: Path) -> list[float]:
     if not rows:
         raise ShapeError(f"trace {path} is empty")
     header = [h.strip().lower() for h in rows[0]]
-    col = header.index("t") if "t" in header else 0
+    col = next((header.index(name) for name in ("arrival_s", "t") if name in header), 0)
     skip = 0 if _is_number(rows[0][col]) else 1  # a header row, or arrivals from the first line
     times = []
     for n, row in enumerate(rows[skip:], start=skip + 1):
@@ -171,9 +171,9 @@ def arrivals(shape: Shape, seed: int = 0) -> list[float]:
 
 
 def write_trace(path: Path, times: list[float], slo_ms: float | None = None) -> None:
-    """A CSV trace (`t` seconds, optional `slo_ms`) for `apserve simulate --trace` and the replay shape."""
+    """A CSV trace (`arrival_s`, optional `slo_ms`) for `apserve simulate --trace` and the replay shape."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["t", "slo_ms"] if slo_ms else ["t"])
+        w.writerow(["arrival_s", "slo_ms"] if slo_ms else ["arrival_s"])
         for t in times:
             w.writerow([f"{t:.6f}", slo_ms] if slo_ms else [f"{t:.6f}"])

@@ -60,6 +60,10 @@ def test_trace_round_trip_and_replay_shape(tmp_path: Path) -> None:
     assert trace_rates(read_trace(path)) == (2, 1, 3)
     replay = build_shape("replay", duration_s=0, trace=path)
     assert replay.duration_s == 3 and [replay.rate(t) for t in (0.5, 1.5, 2.5, 3.5)] == [2, 1, 3, 0]
+    assert path.read_text().startswith("arrival_s,slo_ms")  # the simulator's CSV columns
+    from policies.traces import read_csv
+
+    assert [a.time for a in read_csv(path).arrivals] == read_trace(path)
     bare = tmp_path / "bare.csv"
     bare.write_text("0.5\n0.25\n")  # no header: the first column, sorted
     assert read_trace(bare) == [0.25, 0.5]
