@@ -70,6 +70,8 @@ class _Pending:
     queue_s: float = 0.0
     compute_s: float = 0.0
     escalated: bool = False
+    partial: np.ndarray | None = None  # after escalation: logits of all rows, the unsure ones to be replaced
+    unsure_rows: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,10 +402,15 @@ class Scheduler:
                 and not pending.escalated
                 and escalate_to != bits
                 and pending.request.allows(escalate_to)
-                and _top_probability(rows) < escalate_below
             ):
-                self._escalate(pending, escalate_to)
-                continue
+                unsure = _top_probability(rows) < escalate_below
+                if unsure.any():
+                    self._escalate(pending, escalate_to, rows, unsure)
+                    continue
+            if pending.partial is not None and pending.unsure_rows is not None:
+                merged = pending.partial
+                merged[pending.unsure_rows] = rows
+                rows = merged
             req = pending.request
             series.ok.inc()
             series.duration.observe(done - req.arrival)
@@ -428,9 +435,13 @@ class Scheduler:
             self._batch_counters[key] = counter
         return counter
 
-    def _escalate(self, pending: _Pending, bits: int) -> None:
-        """Re-queue as a strict request at ``bits``; it keeps its arrival, deadline and priority."""
-        req = replace(pending.request, preferred_bits=bits, strict=True)
+    def _escalate(self, pending: _Pending, bits: int, logits: np.ndarray, unsure: np.ndarray) -> None:
+        """Re-queue the unsure rows as a strict request at ``bits``, keeping arrival, deadline and priority;
+        the answer merges their new logits with the sure rows' (and reports ``bits``)."""
+        pending.partial = logits.copy()
+        pending.unsure_rows = np.flatnonzero(unsure)
+        pending.images = pending.images[unsure]
+        req = replace(pending.request, preferred_bits=bits, strict=True, size=int(unsure.sum()))
         pending.request = req
         pending.key = _order_key(req)
         pending.escalated = True
@@ -449,11 +460,11 @@ class Scheduler:
         return {"queue_depth": len(self._queue), "inflight_batches": self._inflight, "closing": self._closing}
 
 
-def _top_probability(logits: np.ndarray) -> float:
-    """The lowest, over the request's rows, of the top softmax probability."""
+def _top_probability(logits: np.ndarray) -> np.ndarray:
+    """The top softmax probability of each row."""
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
-    return float((p.max(axis=1) / p.sum(axis=1)).min())
+    return np.asarray(p.max(axis=1) / p.sum(axis=1))
 
 
 def _compute(engine: Runner, arrays: list[np.ndarray], bits: int) -> tuple[np.ndarray, float]:

@@ -31,6 +31,7 @@ class ConfidenceEngine:
         for i, first in enumerate(firsts):
             if first or bits >= 8:
                 logits[i, 0] = 50.0
+        logits[:, 9] = bits / 1000  # which bits computed each row, without changing its confidence much
         return logits
 
 
@@ -86,11 +87,13 @@ def test_escalation_reruns_unsure_requests_at_higher_bits() -> None:
         scheduler = _scheduler(ScriptedPolicy(script), engine)
         scheduler.start()
         sure, unsure = scheduler.submit(_image(7), OPTIONS), scheduler.submit(_image(0), OPTIONS)
-        a, b = await sure, await unsure
+        mixed = scheduler.submit(np.concatenate([_image(9), _image(0)]), OPTIONS)  # one sure row, one unsure
+        a, b, c = await sure, await unsure, await mixed
         await scheduler.drain()
-        assert a.bits == 1 and b.bits == 8
-        assert engine.calls == [(1, [7, 0]), (8, [0])]
-        assert b.compute_us >= a.compute_us  # both batches counted
+        assert a.bits == 1 and b.bits == 8 and c.bits == 8
+        assert engine.calls == [(1, [7, 0, 9, 0]), (8, [0, 0])]  # only the unsure rows ran again
+        np.testing.assert_allclose(c.logits[:, 9], [0.001, 0.008])  # the sure row kept its 1-bit answer
+        assert c.logits.shape == (2, 10) and b.compute_us >= a.compute_us  # both batches counted
 
     asyncio.run(test())
 
