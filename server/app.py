@@ -2,6 +2,14 @@
 
 ``create_app(settings)`` loads the model, the profile and the policy eagerly (so a bad setting stops the
 start with a clear message) and returns an app whose lifespan owns all mutable state (``app.state.runtime``).
+
+Status codes, always with the v2 error body ``{"error": "..."}``:
+400 a malformed request (the message names the field); 404 unknown model or route, or the admin API when
+APSERVE_ADMIN_TOKEN is unset; 413 body over ``max_body_bytes``; 422 a strict precision (or bits bounds)
+the active policy or the profile cannot serve, or invalid policy settings; 429 + Retry-After the queue is
+full; 503 + Retry-After a deadline that cannot be met even at the fastest allowed bits (refused at
+admission, or early by the policy), or the server is draining; 504 the deadline passed while queued
+(never computed); 401/403 admin API without / with a wrong bearer token.
 """
 
 from __future__ import annotations
