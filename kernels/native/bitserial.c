@@ -1,0 +1,611 @@
+/* Bit-serial any-precision kernels: the quantized body of the network on k-bit codes.
+ *
+ * Weights are the artifact's bit-planes as stored: [8][cout][row_words] uint64, plane 0 = MSB, rows in
+ * (kh, kw, cin) order; k bits read planes 0..k-1 only. Activations are k-bit unsigned codes with zero
+ * point 0, kept as k {0,1} planes per pixel: [pixel][k][cw] uint64, cw = ceil(cin / 64).
+ *
+ * For weight codes c and activation codes a at k bits (N = 2^k, n = N - 1), the conv is exactly
+ *     y = scale / (N n) * I,   I = 2 * sum(c a) + (1 - N) * sum(a)
+ *     sum(c a) = sum_{p,q} 2^{(k-1-p)+(k-1-q)} popcount(W_p & A_q)
+ * The sum(a) term (the mid-rise weight offset) is the per-pixel activation sum over the receptive field;
+ * zero padding is activation code 0, so it needs no correction.
+ *
+ * Output pixels are processed in tiles of TILE: the tile's receptive fields are gathered into a bit row
+ * per pixel laid out like a weight row (im2col on the fly, only TILE rows live, in L1), the AND+popcount
+ * core runs over it, then the epilogue (scale, BN, clip, requantize, pack; or scale + float residual
+ * add) runs on the tile while it is still in cache. Accumulators are 64-bit.
+ *
+ * Dispatch: AVX-512 VPOPCNTDQ -> AVX2 -> portable C, chosen at run time per call (target attributes, no
+ * -march flags at build time). The portable C core is the scalar reference the SIMD cores are tested
+ * against, bit for bit. Build with -ffp-contract=off: the float epilogue must round identically on every
+ * path.
+ */
+#include <float.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define APQ_X86 1
+#endif
+
+#define TILE 8
+#define MAX_BITS 8
+#define AI static inline __attribute__((always_inline))
+
+enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
+
+/* ---------------------------------------------------------------- dispatch */
+
+int apq_cpu_supports(int path) {
+    if (path == PATH_SCALAR) return 1;
+#ifdef APQ_X86
+    __builtin_cpu_init();
+    if (path == PATH_AVX2) return __builtin_cpu_supports("avx2");
+    if (path == PATH_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+    return 0;
+}
+
+static int resolve_path(int path) {
+    if (path != PATH_AUTO) return apq_cpu_supports(path) ? path : -1;
+    if (apq_cpu_supports(PATH_AVX512)) return PATH_AVX512;
+    if (apq_cpu_supports(PATH_AVX2)) return PATH_AVX2;
+    return PATH_SCALAR;
+}
+
+int apq_best_path(void) { return resolve_path(PATH_AUTO); }
+
+/* ---------------------------------------------------------------- cores
+ * A core computes dot[o][t] = sum(c a) for output channels [0, cout) and the TILE pixels of a tile.
+ * tile: [bits][row_words][TILE] uint64 (pixel t's row of plane q, word w at tile[(q*rw + w)*TILE + t]).
+ * w: the artifact planes, plane p row o at w + (p*cout + o)*rw.
+ */
+
+AI void core_channel(const uint64_t *tile, const uint64_t *w, int bits, int cout, int o, int rw, int64_t *dot) {
+    int64_t acc[TILE] = {0};
+    for (int p = 0; p < bits; p++) {
+        const uint64_t *wr = w + ((size_t)p * cout + o) * rw;
+        for (int q = 0; q < bits; q++) {
+            const int shift = 2 * bits - 2 - p - q;
+            const uint64_t *ar = tile + (size_t)q * rw * TILE;
+            for (int t = 0; t < TILE; t++) {
+                int64_t s = 0;
+                for (int i = 0; i < rw; i++) s += __builtin_popcountll(wr[i] & ar[i * TILE + t]);
+                acc[t] += s << shift;
+            }
+        }
+    }
+    memcpy(dot + (size_t)o * TILE, acc, sizeof acc);
+}
+
+AI void core_scalar(const uint64_t *tile, const uint64_t *w, int bits, int cout, int rw, int64_t *dot) {
+    for (int o = 0; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
+}
+
+#ifdef APQ_X86
+/* AVX2 has no 64-bit popcount: nibble lookup (vpshufb) into byte counts, summed over up to 31 words
+ * (8 * 31 < 256, no byte overflow), then vpsadbw to 64-bit lanes. 8 pixels = two ymm. */
+__attribute__((target("avx2,popcnt"))) static inline __m256i pc_bytes(__m256i v, __m256i lut, __m256i low) {
+    __m256i lo = _mm256_and_si256(v, low);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+__attribute__((target("avx2,popcnt"))) static void core_avx2(const uint64_t *tile, const uint64_t *w, int bits, int cout,
+                                                      int rw, int64_t *dot) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
+                                         2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    int o = 0;
+    for (; o + 2 <= cout; o += 2) {
+        __m256i acc00 = zero, acc01 = zero, acc10 = zero, acc11 = zero; /* acc[cout][half] */
+        for (int p = 0; p < bits; p++) {
+            const uint64_t *w0 = w + ((size_t)p * cout + o) * rw;
+            const uint64_t *w1 = w0 + rw;
+            for (int q = 0; q < bits; q++) {
+                const __m128i shift = _mm_cvtsi32_si128(2 * bits - 2 - p - q);
+                const uint64_t *ar = tile + (size_t)q * rw * TILE;
+                for (int i0 = 0; i0 < rw; i0 += 31) {
+                    const int i1 = i0 + 31 < rw ? i0 + 31 : rw;
+                    __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero;
+                    for (int i = i0; i < i1; i++) {
+                        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE));
+                        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE + 4));
+                        const __m256i b0 = _mm256_set1_epi64x((long long)w0[i]);
+                        const __m256i b1 = _mm256_set1_epi64x((long long)w1[i]);
+                        s00 = _mm256_add_epi8(s00, pc_bytes(_mm256_and_si256(a0, b0), lut, low));
+                        s01 = _mm256_add_epi8(s01, pc_bytes(_mm256_and_si256(a1, b0), lut, low));
+                        s10 = _mm256_add_epi8(s10, pc_bytes(_mm256_and_si256(a0, b1), lut, low));
+                        s11 = _mm256_add_epi8(s11, pc_bytes(_mm256_and_si256(a1, b1), lut, low));
+                    }
+                    acc00 = _mm256_add_epi64(acc00, _mm256_sll_epi64(_mm256_sad_epu8(s00, zero), shift));
+                    acc01 = _mm256_add_epi64(acc01, _mm256_sll_epi64(_mm256_sad_epu8(s01, zero), shift));
+                    acc10 = _mm256_add_epi64(acc10, _mm256_sll_epi64(_mm256_sad_epu8(s10, zero), shift));
+                    acc11 = _mm256_add_epi64(acc11, _mm256_sll_epi64(_mm256_sad_epu8(s11, zero), shift));
+                }
+            }
+        }
+        _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE), acc00);
+        _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE + 4), acc01);
+        _mm256_storeu_si256((__m256i *)(dot + (size_t)(o + 1) * TILE), acc10);
+        _mm256_storeu_si256((__m256i *)(dot + (size_t)(o + 1) * TILE + 4), acc11);
+    }
+    for (; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
+}
+
+/* AVX-512: 8 pixels = one zmm, VPOPCNTQ per 64-bit lane; 4 output channels share each activation load. */
+__attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt"))) static void core_avx512(const uint64_t *tile,
+                                                                                     const uint64_t *w, int bits,
+                                                                                     int cout, int rw,
+                                                                                     int64_t *dot) {
+    int o = 0;
+    for (; o + 4 <= cout; o += 4) {
+        __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        for (int p = 0; p < bits; p++) {
+            const uint64_t *w0 = w + ((size_t)p * cout + o) * rw;
+            for (int q = 0; q < bits; q++) {
+                const __m128i shift = _mm_cvtsi32_si128(2 * bits - 2 - p - q);
+                const uint64_t *ar = tile + (size_t)q * rw * TILE;
+                __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+                for (int i = 0; i < rw; i++) {
+                    const __m512i a = _mm512_loadu_si512((const void *)(ar + i * TILE));
+                    s0 = _mm512_add_epi64(s0, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[i]))));
+                    s1 = _mm512_add_epi64(s1, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[rw + i]))));
+                    s2 = _mm512_add_epi64(s2, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[2 * rw + i]))));
+                    s3 = _mm512_add_epi64(s3, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[3 * rw + i]))));
+                }
+                acc0 = _mm512_add_epi64(acc0, _mm512_sll_epi64(s0, shift));
+                acc1 = _mm512_add_epi64(acc1, _mm512_sll_epi64(s1, shift));
+                acc2 = _mm512_add_epi64(acc2, _mm512_sll_epi64(s2, shift));
+                acc3 = _mm512_add_epi64(acc3, _mm512_sll_epi64(s3, shift));
+            }
+        }
+        _mm512_storeu_si512((void *)(dot + (size_t)o * TILE), acc0);
+        _mm512_storeu_si512((void *)(dot + (size_t)(o + 1) * TILE), acc1);
+        _mm512_storeu_si512((void *)(dot + (size_t)(o + 2) * TILE), acc2);
+        _mm512_storeu_si512((void *)(dot + (size_t)(o + 3) * TILE), acc3);
+    }
+    for (; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
+}
+#endif
+
+#ifdef APQ_X86
+#define TARGET_AVX2 __attribute__((target("avx2,popcnt")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt")))
+#endif
+
+AI void run_core(int path, const uint64_t *tile, const uint64_t *w, int bits, int cout, int rw, int64_t *dot) {
+#ifdef APQ_X86
+    if (path == PATH_AVX512) {
+        core_avx512(tile, w, bits, cout, rw, dot);
+        return;
+    }
+    if (path == PATH_AVX2) {
+        core_avx2(tile, w, bits, cout, rw, dot);
+        return;
+    }
+#endif
+    core_scalar(tile, w, bits, cout, rw, dot);
+}
+
+/* ---------------------------------------------------------------- requantization by thresholds
+ * The requantizer code(v) = floor(clip(bn(v), 0, 1) * n + 0.5) is monotone in v (every correctly rounded
+ * float operation is), so it equals a count of thresholds: code(v) = #{j : s v >= U_j}, s = +-1. The
+ * thresholds are found once per bits by bisection on the very float64 expression the reference
+ * computes, so the kernels' codes are the reference's codes while costing a compare or two per value. */
+
+typedef struct {
+    const double *mean, *denom, *gamma, *beta; /* denom = sqrt(var + eps) */
+} batchnorm;
+
+static double bn_apply(const batchnorm *bn, int c, double x) {
+    return (x - bn->mean[c]) / bn->denom[c] * bn->gamma[c] + bn->beta[c];
+}
+
+static int quantize(double z, double n) {
+    z = z < 0.0 ? 0.0 : (z > 1.0 ? 1.0 : z);
+    return (int)floor(z * n + 0.5);
+}
+
+/* Conv outputs: v = I * alpha[c] for integer I in [-imax, imax]. thr [c][n] int64, sign [c]. */
+void apq_int_thresholds(const batchnorm *bn, const double *alpha, int channels, int bits, int64_t imax,
+                        int64_t *thr, int32_t *sign) {
+    const int n = (1 << bits) - 1;
+    for (int c = 0; c < channels; c++) {
+#define CODE(i) quantize(bn_apply(bn, c, (double)(s * (i)) * alpha[c]), (double)n)
+        int64_t s = 1;
+        if (CODE(-imax) > CODE(imax)) s = -1;
+        sign[c] = (int32_t)s;
+        for (int j = 1; j <= n; j++) {
+            int64_t lo = -imax, hi = imax; /* least v with CODE(v) >= j, or imax + 1 */
+            if (CODE(hi) < j) {
+                thr[(size_t)c * n + j - 1] = imax + 1;
+                continue;
+            }
+            while (lo < hi) {
+                const int64_t mid = lo + (hi - lo) / 2;
+                if (CODE(mid) >= j) hi = mid;
+                else lo = mid + 1;
+            }
+            thr[(size_t)c * n + j - 1] = lo;
+        }
+#undef CODE
+    }
+}
+
+static inline uint64_t key_of(double x) {
+    uint64_t u;
+    memcpy(&u, &x, sizeof u);
+    return (u >> 63) ? ~u : (u | 0x8000000000000000ULL);
+}
+
+static inline double double_of(uint64_t k) {
+    const uint64_t u = (k >> 63) ? (k & 0x7fffffffffffffffULL) : ~k;
+    double x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* The residual stream: v = x, any float64. thr [c][n] float64, sign [c]. */
+void apq_float_thresholds(const batchnorm *bn, int channels, int bits, double *thr, int32_t *sign) {
+    const int n = (1 << bits) - 1;
+    for (int c = 0; c < channels; c++) {
+#define CODE(x) quantize(bn_apply(bn, c, s * (x)), (double)n)
+        double s = 1.0;
+        if (CODE(-DBL_MAX) > CODE(DBL_MAX)) s = -1.0;
+        sign[c] = (int32_t)s;
+        for (int j = 1; j <= n; j++) {
+            if (CODE(DBL_MAX) < j) {
+                thr[(size_t)c * n + j - 1] = INFINITY;
+                continue;
+            }
+            if (CODE(-DBL_MAX) >= j) {
+                thr[(size_t)c * n + j - 1] = -INFINITY;
+                continue;
+            }
+            uint64_t lo = key_of(-DBL_MAX), hi = key_of(DBL_MAX);
+            while (lo < hi) {
+                const uint64_t mid = lo + (hi - lo) / 2;
+                if (CODE(double_of(mid)) >= j) hi = mid;
+                else lo = mid + 1;
+            }
+            thr[(size_t)c * n + j - 1] = double_of(lo);
+        }
+#undef CODE
+    }
+}
+
+/* #{j : v >= thr[j]} for ascending thr[0..n-1]. */
+#define COUNT_AT_LEAST(v, thr, n, out)                                                 \
+    do {                                                                               \
+        if ((n) <= 3) {                                                                \
+            int c_ = 0;                                                                \
+            for (int j_ = 0; j_ < (n); j_++) c_ += (v) >= (thr)[j_];                   \
+            (out) = c_;                                                                \
+        } else {                                                                       \
+            int lo_ = 0, hi_ = (n);                                                    \
+            while (lo_ < hi_) {                                                        \
+                const int mid_ = (lo_ + hi_) / 2;                                      \
+                if ((v) >= (thr)[mid_]) lo_ = mid_ + 1;                                \
+                else hi_ = mid_;                                                       \
+            }                                                                          \
+            (out) = lo_;                                                               \
+        }                                                                              \
+    } while (0)
+
+/* ---------------------------------------------------------------- activations */
+
+static inline int words_for(int c) { return (c + 63) / 64; }
+
+AI void put_code(uint64_t *planes, int bits, int cw, int ch, int code) {
+    for (int q = 0; q < bits; q++)
+        planes[(size_t)q * cw + (ch >> 6)] |= (uint64_t)((code >> (bits - 1 - q)) & 1) << (ch & 63);
+}
+
+/* x [npix][c] float64 -> planes [npix][bits][cw] of the k-bit codes of bn(x). */
+AI void pack_activations(const double *x, int npix, int c, const double *thr, const int32_t *sign, int bits,
+                         uint64_t *out) {
+    const int cw = words_for(c), n = (1 << bits) - 1;
+    memset(out, 0, sizeof(uint64_t) * (size_t)npix * bits * cw);
+    for (int i = 0; i < npix; i++) {
+        uint64_t *dst = out + (size_t)i * bits * cw;
+        const double *src = x + (size_t)i * c;
+        if (bits == 1) {
+            for (int ch = 0; ch < c; ch++)
+                dst[ch >> 6] |= (uint64_t)(sign[ch] * src[ch] >= thr[ch]) << (ch & 63);
+            continue;
+        }
+        for (int ch = 0; ch < c; ch++) {
+            int code;
+            const double v = sign[ch] * src[ch];
+            COUNT_AT_LEAST(v, thr + (size_t)ch * n, n, code);
+            put_code(dst, bits, cw, ch, code);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- one quantized conv */
+
+enum { EPI_INT = 0, EPI_PACK = 1, EPI_RESIDUAL = 2 };
+
+typedef struct {
+    int mode;
+    int64_t *out_int;      /* EPI_INT: [pix][cout] */
+    const int64_t *thr;    /* EPI_PACK: [cout][n] integer thresholds of the next BN + quantizer */
+    const int32_t *sign;   /* EPI_PACK: [cout] */
+    uint64_t *out_planes;  /* EPI_PACK: [pix][bits][cw(cout)] */
+    const double *alpha;   /* EPI_RESIDUAL: [cout], weight scale / (N n) */
+    double *residual;      /* EPI_RESIDUAL: [pix][cout], I * alpha is added in place */
+} epilogue;
+
+/* 3x3 conv, pad 1, stride 1 or 2, on planes in [H][W][bits][cw(cin)]. tile: bits*rw*TILE words,
+ * dot: cout*TILE int64. */
+AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, const uint64_t *w, int cout, int rw,
+                int stride, uint64_t *tile, int64_t *dot, const epilogue *epi) {
+    const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, npix = Ho * Wo, cw = words_for(cin);
+    const int cwo = words_for(cout), n = (1 << bits) - 1;
+    const int64_t offset = 1 - (1LL << bits);
+    for (int p0 = 0; p0 < npix; p0 += TILE) {
+        int64_t asum[TILE] = {0};
+        memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
+        for (int t = 0; t < TILE && p0 + t < npix; t++) {
+            const int oy = (p0 + t) / Wo, ox = (p0 + t) % Wo;
+            for (int ky = 0; ky < 3; ky++) {
+                const int iy = oy * stride + ky - 1;
+                if (iy < 0 || iy >= H) continue;
+                for (int kx = 0; kx < 3; kx++) {
+                    const int ix = ox * stride + kx - 1;
+                    if (ix < 0 || ix >= W) continue;
+                    const int off = (ky * 3 + kx) * cin;
+                    const uint64_t *src = in + ((size_t)iy * W + ix) * bits * cw;
+                    for (int q = 0; q < bits; q++) {
+                        uint64_t *row = tile + (size_t)q * rw * TILE + t;
+                        int64_t ones = 0;
+                        for (int j = 0; j < cw; j++) {
+                            const uint64_t v = src[q * cw + j];
+                            const int bit = off + 64 * j, d = bit >> 6, sh = bit & 63;
+                            row[(size_t)d * TILE] |= v << sh;
+                            if (sh && d + 1 < rw) row[(size_t)(d + 1) * TILE] |= v >> (64 - sh);
+                            ones += __builtin_popcountll(v);
+                        }
+                        asum[t] += ones << (bits - 1 - q);
+                    }
+                }
+            }
+        }
+        run_core(path, tile, w, bits, cout, rw, dot);
+        for (int t = 0; t < TILE && p0 + t < npix; t++) {
+            const size_t pix = (size_t)p0 + t;
+            if (epi->mode == EPI_INT) {
+                for (int o = 0; o < cout; o++) epi->out_int[pix * cout + o] = 2 * dot[(size_t)o * TILE + t] + offset * asum[t];
+            } else if (epi->mode == EPI_PACK) {
+                uint64_t *dst = epi->out_planes + pix * bits * cwo;
+                memset(dst, 0, sizeof(uint64_t) * bits * cwo);
+                for (int o = 0; o < cout; o++) {
+                    const int64_t v = epi->sign[o] * (2 * dot[(size_t)o * TILE + t] + offset * asum[t]);
+                    if (bits == 1) {
+                        dst[o >> 6] |= (uint64_t)(v >= epi->thr[o]) << (o & 63);
+                    } else {
+                        int code;
+                        COUNT_AT_LEAST(v, epi->thr + (size_t)o * n, n, code);
+                        put_code(dst, bits, cwo, o, code);
+                    }
+                }
+            } else {
+                double *res = epi->residual + pix * cout;
+                for (int o = 0; o < cout; o++)
+                    res[o] += (double)(2 * dot[(size_t)o * TILE + t] + offset * asum[t]) * epi->alpha[o];
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- the network */
+
+/* Everything float is float64, like the reference: the residual stream, BN, the stem and the head. Only
+ * the quantized convs are integer, and exact. */
+typedef struct {
+    int cin, cout, stride, rw1, rw2;
+    const uint64_t *w1, *w2;              /* artifact planes [8][cout][rw] */
+    const double *xthr;                   /* [cin][n]: bn1 + quantizer on the residual stream */
+    const int32_t *xsign;                 /* [cin] */
+    const int64_t *ithr;                  /* [cout][n]: conv1 output -> bn2 + quantizer */
+    const int32_t *isign;                 /* [cout] */
+    const double *alpha2;                 /* [cout]: conv2 weight scale / (N n) */
+} apq_block;
+
+typedef struct {
+    int bits, height, width, nblocks;
+    int stem_cout, stem_kernel;           /* the stem has one input channel */
+    const double *stem_w;                 /* [kernel*kernel][stem_cout] */
+    const apq_block *blocks;
+    int head_in, head_out;
+    batchnorm head_bn;                    /* [head_in] */
+    const double *fc_w, *fc_b;            /* [head_out][head_in], [head_out] */
+} apq_net;
+
+AI void stem(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
+    const int pad = kk / 2;
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) {
+            double *acc = out + ((size_t)y * W + x) * cout;
+            for (int o = 0; o < cout; o++) acc[o] = 0.0;
+            for (int ky = 0; ky < kk; ky++) {
+                const int iy = y + ky - pad;
+                if (iy < 0 || iy >= H) continue;
+                for (int kx = 0; kx < kk; kx++) {
+                    const int ix = x + kx - pad;
+                    if (ix < 0 || ix >= W) continue;
+                    const double v = img[iy * W + ix];
+                    const double *wr = wt + (size_t)(ky * kk + kx) * cout;
+                    for (int o = 0; o < cout; o++) acc[o] += v * wr[o];
+                }
+            }
+        }
+}
+
+typedef struct {
+    const apq_net *net;
+    const double *images;
+    float *logits;
+    int b0, b1, path, status;
+} job;
+
+AI void forward_body(job *jb, int path) {
+    const apq_net *net = jb->net;
+    const int bits = net->bits, H0 = net->height, W0 = net->width;
+    int cmax = net->stem_cout, rwmax = 1;
+    for (int i = 0; i < net->nblocks; i++) {
+        const apq_block *b = net->blocks + i;
+        if (b->cout > cmax) cmax = b->cout;
+        if (b->rw1 > rwmax) rwmax = b->rw1;
+        if (b->rw2 > rwmax) rwmax = b->rw2;
+    }
+    const size_t npix = (size_t)H0 * W0;
+    double *x = malloc(sizeof(double) * npix * cmax);
+    double *xs = malloc(sizeof(double) * npix * cmax);
+    uint64_t *pa = malloc(sizeof(uint64_t) * npix * bits * words_for(cmax));
+    uint64_t *pb = malloc(sizeof(uint64_t) * npix * bits * words_for(cmax));
+    uint64_t *tile = malloc(sizeof(uint64_t) * (size_t)bits * rwmax * TILE);
+    int64_t *dot = malloc(sizeof(int64_t) * (size_t)cmax * TILE);
+    if (!x || !xs || !pa || !pb || !tile || !dot) {
+        jb->status = -2;
+        goto done;
+    }
+    for (int img = jb->b0; img < jb->b1; img++) {
+        int H = H0, W = W0, C = net->stem_cout;
+        stem(jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
+        for (int i = 0; i < net->nblocks; i++) {
+            const apq_block *b = net->blocks + i;
+            const int s = b->stride, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+            pack_activations(x, H * W, b->cin, b->xthr, b->xsign, bits, pa);
+            epilogue e1 = {EPI_PACK, NULL, b->ithr, b->isign, pb, NULL, NULL};
+            conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->cout, b->rw1, s, tile, dot, &e1);
+            if (s != 1 || b->cin != b->cout) { /* option-A shortcut: subsample, zero channels */
+                for (int yy = 0; yy < Ho; yy++)
+                    for (int xx = 0; xx < Wo; xx++) {
+                        const double *src = x + ((size_t)(yy * s) * W + xx * s) * b->cin;
+                        double *dst = xs + ((size_t)yy * Wo + xx) * b->cout;
+                        for (int c = 0; c < b->cout; c++) dst[c] = c < b->cin ? src[c] : 0.0;
+                    }
+                double *t = x;
+                x = xs;
+                xs = t;
+            }
+            epilogue e2 = {EPI_RESIDUAL, NULL, NULL, NULL, NULL, b->alpha2, x};
+            conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->cout, b->rw2, 1, tile, dot, &e2);
+            H = Ho;
+            W = Wo;
+            C = b->cout;
+        }
+        /* head: relu(bn(x)), global average pool, linear */
+        double pooled[1024];
+        const int hin = net->head_in < 1024 ? net->head_in : 1024;
+        for (int c = 0; c < hin; c++) pooled[c] = 0.0;
+        for (int p = 0; p < H * W; p++)
+            for (int c = 0; c < hin; c++) {
+                const double v = bn_apply(&net->head_bn, c, x[(size_t)p * C + c]);
+                pooled[c] += v > 0.0 ? v : 0.0;
+            }
+        for (int c = 0; c < hin; c++) pooled[c] /= (double)(H * W);
+        for (int o = 0; o < net->head_out; o++) {
+            double acc = 0.0;
+            for (int c = 0; c < hin; c++) acc += pooled[c] * net->fc_w[(size_t)o * net->head_in + c];
+            jb->logits[(size_t)img * net->head_out + o] = (float)(acc + net->fc_b[o]);
+        }
+    }
+done:
+    free(x);
+    free(xs);
+    free(pa);
+    free(pb);
+    free(tile);
+    free(dot);
+}
+
+static void forward_scalar(job *jb) { forward_body(jb, PATH_SCALAR); }
+#ifdef APQ_X86
+TARGET_AVX2 static void forward_avx2(job *jb) { forward_body(jb, PATH_AVX2); }
+TARGET_AVX512 static void forward_avx512(job *jb) { forward_body(jb, PATH_AVX512); }
+#endif
+
+static void forward_images(job *jb) {
+#ifdef APQ_X86
+    if (jb->path == PATH_AVX512) {
+        forward_avx512(jb);
+        return;
+    }
+    if (jb->path == PATH_AVX2) {
+        forward_avx2(jb);
+        return;
+    }
+#endif
+    forward_scalar(jb);
+}
+
+static void *forward_thread(void *arg) {
+    forward_images((job *)arg);
+    return NULL;
+}
+
+/* logits [B][head_out] (float32) for images [B][height][width] (float64, pixels / 255). Images are split
+ * across up to `threads` threads (the calling thread is one of them). Returns 0, -1 (path not supported by
+ * this CPU), -2 (out of memory), -3 (bad arguments). */
+int apq_forward(const apq_net *net, const double *images, int batch, float *logits, int threads, int path) {
+    path = resolve_path(path);
+    if (path < 0) return -1;
+    if (batch < 0 || threads < 1 || net->bits < 1 || net->bits > MAX_BITS || net->head_in > 1024) return -3;
+    if (threads > batch) threads = batch;
+    if (threads > 64) threads = 64;
+    if (threads <= 1) {
+        job jb = {net, images, logits, 0, batch, path, 0};
+        forward_images(&jb);
+        return jb.status;
+    }
+    job jobs[64];
+    pthread_t tids[64];
+    int started[64] = {0};
+    for (int i = 0; i < threads; i++)
+        jobs[i] = (job){net, images, logits, (int)((long)batch * i / threads), (int)((long)batch * (i + 1) / threads), path, 0};
+    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tids[i], NULL, forward_thread, &jobs[i]) == 0;
+    forward_images(&jobs[0]);
+    int status = jobs[0].status;
+    for (int i = 1; i < threads; i++) {
+        if (started[i]) pthread_join(tids[i], NULL);
+        else forward_images(&jobs[i]); /* could not start a thread: do its share here */
+        if (jobs[i].status) status = jobs[i].status;
+    }
+    return status;
+}
+
+/* Test entry: integer conv outputs I = 2 sum(c a) + (1 - N) sum(a) for k-bit codes [B][H][W][cin] (uint8)
+ * and artifact-layout planes, out [B][Ho][Wo][cout]. Returns 0, -1 (path unsupported), -2 (no memory). */
+int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int bits, const uint64_t *w, int cout,
+                   int rw, int stride, int64_t *out, int path) {
+    path = resolve_path(path);
+    if (path < 0) return -1;
+    const int cw = words_for(cin), Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+    uint64_t *planes = calloc((size_t)H * W * bits * cw, sizeof(uint64_t));
+    uint64_t *tile = malloc(sizeof(uint64_t) * (size_t)bits * rw * TILE);
+    int64_t *dot = malloc(sizeof(int64_t) * (size_t)cout * TILE);
+    int status = (planes && tile && dot) ? 0 : -2;
+    for (int b = 0; b < batch && !status; b++) {
+        memset(planes, 0, sizeof(uint64_t) * (size_t)H * W * bits * cw);
+        for (int i = 0; i < H * W; i++)
+            for (int c = 0; c < cin; c++)
+                put_code(planes + (size_t)i * bits * cw, bits, cw, c, codes[((size_t)b * H * W + i) * cin + c]);
+        epilogue e = {EPI_INT, out + (size_t)b * Ho * Wo * cout, NULL, NULL, NULL, NULL, NULL};
+        conv3x3(path, planes, H, W, cin, bits, w, cout, rw, stride, tile, dot, &e);
+    }
+    free(planes);
+    free(tile);
+    free(dot);
+    return status;
+}
