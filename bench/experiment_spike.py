@@ -1,0 +1,243 @@
+"""The headline experiment: a load spike through real HTTP under fixed-8, fixed-1, slo and power.
+
+    .venv/bin/python bench/experiment_spike.py            # about 5 minutes; results into docs/
+    .venv/bin/python bench/experiment_spike.py --duration 20 --policies fixed-8,slo   # quicker
+
+1. Capacity: fixed-8 saturated by closed-loop Locust users (images/s answered).
+2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
+   arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
+3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
+   SLO attainment, served accuracy, p50/p99, refused, energy; then `apserve simulate` on the same trace.
+4. /metrics overhead: fixed-8 saturated with and without a 1 s scrape, alternated on one server.
+
+Writes docs/img/spike_*.png and docs/experiment_spike.json, and prints the table for docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loadtest.runner import LoadtestOptions, Server, run  # noqa: E402
+from loadtest.shapes import arrivals, build_shape, write_trace  # noqa: E402
+
+SERVER_CPU, LOAD_CPU = "0", "1"
+
+
+def server_env(slo_ms: float) -> dict[str, str]:
+    return {"APSERVE_ENGINE_THREADS": "1", "APSERVE_WORKERS": "1", "APSERVE_SLO_MS": f"{slo_ms:g}"}
+
+
+def closed_loop(out: Path, policy: str, seconds: float, users: int, **kw: Any) -> dict[str, Any]:
+    opts = LoadtestOptions(
+        shape="constant",
+        policy=policy,
+        duration_s=seconds,
+        out=out,
+        base_rps=1.0,
+        user_rps=0.0,
+        users=users,
+        slo_mix="0",
+        load_cpus=LOAD_CPU,
+        server_cpus=SERVER_CPU,
+        plots=False,
+        **kw,
+    )
+    return run(opts, progress=False)
+
+
+def simulate(trace: Path, policy: str, slo_ms: float, options: dict[str, Any]) -> dict[str, Any]:
+    cmd = [str(Path(sys.executable).with_name("apserve")), "simulate", "--trace", str(trace), "--policy", policy]
+    cmd += ["--slo-ms", f"{slo_ms:g}", "--json"]
+    if options:
+        cmd += ["--policy-options", json.dumps(options)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+    return dict(json.loads(done.stdout))
+
+
+def mean_bits(ts: dict[str, Any]) -> list[float | None]:
+    shares = ts.get("bits_share", {})
+    out: list[float | None] = []
+    for i in range(len(ts["t"])):
+        total = sum(shares[b][i] for b in shares)
+        out.append(sum(int(b) * shares[b][i] for b in shares) / total if total else None)
+    return out
+
+
+def plots(results: dict[str, dict[str, Any]], slo_ms: float, spike: tuple[float, float], img: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img.mkdir(parents=True, exist_ok=True)
+    panels = [
+        ("spike_p99.png", "p99 latency of answered requests (ms)", lambda ts: ts["p99_ms"], slo_ms),
+        ("spike_attainment.png", "SLO attainment per second (%)", lambda ts: [_pct(v) for v in ts["attainment"]], None),
+        ("spike_bits.png", "mean bits served", mean_bits, None),
+        ("spike_accuracy.png", "served accuracy (%)", lambda ts: [_pct(v) for v in ts["served_accuracy"]], None),
+        ("spike_throughput.png", "answered requests / s", lambda ts: ts["ok_rps"], None),
+    ]
+    paths = []
+    for name, label, series, line in panels:
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        ax.axvspan(*spike, color="0.9", label="3x spike")
+        for policy, report in results.items():
+            ts = report["timeseries"]
+            ax.plot(ts["t"], [float("nan") if v is None else v for v in series(ts)], label=policy)
+        if line is not None:
+            ax.axhline(line, color="red", linestyle="--", label=f"SLO {line:g} ms")
+        if name == "spike_throughput.png":
+            first = next(iter(results.values()))["timeseries"]
+            ax.plot(first["t"], first["sent_rps"], color="black", linestyle=":", label="offered")
+        ax.set(xlabel="time (s)", ylabel=label)
+        if name == "spike_p99.png":
+            ax.set_yscale("log")
+        ax.legend(fontsize="small", loc="best")
+        fig.tight_layout()
+        fig.savefig(img / name, dpi=90)
+        plt.close(fig)
+        paths.append(img / name)
+    return paths
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else 100 * v
+
+
+def _fmt(v: Any, scale: float = 1.0, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{scale * v:.{digits}f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=40.0, help="seconds of spike load per policy")
+    ap.add_argument("--slo-ms", type=float, default=50.0)
+    ap.add_argument("--policies", default="fixed-8,fixed-1,slo,power")
+    ap.add_argument("--capacity", type=float, default=None, help="fixed-8 capacity, requests/s (default: measure)")
+    ap.add_argument("--power-budget", type=float, default=None, help="watts (default: 60 %% of fixed-8's draw)")
+    ap.add_argument("--overhead-s", type=float, default=10.0, help="seconds per /metrics overhead run (0: skip)")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "experiment_spike")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    env = server_env(args.slo_ms)
+    started = time.time()
+
+    capacity = args.capacity
+    if capacity is None:
+        cap = closed_loop(args.work / "capacity", "fixed-8", 10.0, users=32, server_env=env, scrape_interval_s=0)
+        capacity = cap["throughput_rps"]
+    print(f"fixed-8 capacity: {capacity:.1f} requests/s", file=sys.stderr)
+
+    base, peak = 0.5 * capacity, 3 * capacity
+    shape = build_shape("spike", duration_s=args.duration, base_rps=base, peak_rps=peak)
+    trace = args.work / "spike.csv"
+    write_trace(trace, arrivals(shape, seed=args.seed), slo_ms=args.slo_ms)
+
+    results: dict[str, dict[str, Any]] = {}
+    sims: dict[str, dict[str, Any]] = {}
+    budget = args.power_budget
+    for policy in args.policies.split(","):
+        options: dict[str, Any] = {}
+        if policy == "power":
+            if budget is None:
+                drawn = results.get("fixed-8", {}).get("max_power_w")
+                budget = round(0.6 * drawn, 2) if drawn else 10.0
+            options = {"budget_w": budget}
+        opts = LoadtestOptions(
+            shape="spike",
+            policy=policy,
+            duration_s=args.duration,
+            out=args.work / policy,
+            base_rps=base,
+            peak_rps=peak,
+            user_rps=max(5.0, peak / 100),
+            slo_mix=f"{args.slo_ms:g}",
+            server_cpus=SERVER_CPU,
+            load_cpus=LOAD_CPU,
+            server_env={**env, **({"APSERVE_POLICY_OPTIONS": json.dumps(options)} if options else {})},
+            seed=args.seed,
+        )
+        print(f"{policy}: {args.duration:g} s spike", file=sys.stderr)
+        results[policy] = run(opts, progress=False)
+        sims[policy] = simulate(trace, policy, args.slo_ms, options)
+
+    overhead = None
+    if args.overhead_s > 0:
+        server = Server("fixed-8", args.work / "overhead-server.log", SERVER_CPU, env)
+        try:
+            server.wait_ready(120)
+            rates: dict[str, list[float]] = {"off": [], "on": []}
+            for i in range(2):
+                for mode, interval in (("off", 0.0), ("on", 1.0)):
+                    out = args.work / f"overhead-{mode}-{i}"
+                    r = closed_loop(out, "fixed-8", args.overhead_s, 32, url=server.url, scrape_interval_s=interval)
+                    rates[mode].append(r["throughput_rps"])
+        finally:
+            server.stop()
+        off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+        overhead = {"rps_without_scrape": rates["off"], "rps_with_1s_scrape": rates["on"], "loss": 1 - on / off}
+
+    spike_window = shape.spike_window
+    figures = plots(results, args.slo_ms, spike_window, args.docs / "img")
+    summary = {
+        "command": "python bench/experiment_spike.py " + " ".join(sys.argv[1:]),
+        "capacity_rps": capacity,
+        "base_rps": base,
+        "peak_rps": peak,
+        "duration_s": args.duration,
+        "slo_ms": args.slo_ms,
+        "power_budget_w": budget,
+        "pinning": {"server": f"taskset -c {SERVER_CPU}, 1 engine thread", "locust": f"taskset -c {LOAD_CPU}"},
+        "http": {p: {k: v for k, v in r.items() if k != "timeseries"} for p, r in results.items()},
+        "simulated": sims,
+        "metrics_overhead": overhead,
+        "plots": [str(p.relative_to(args.docs)) for p in figures],
+        "wall_s": time.time() - started,
+    }
+    (args.docs / "experiment_spike.json").write_text(json.dumps(summary, indent=1))
+
+    print(
+        f"fixed-8 capacity {capacity:.0f} req/s; spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms"
+    )
+    print()
+    print("| policy | SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J | simulated attainment |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for policy, r in results.items():
+        sim = sims[policy]
+        sim_att = (
+            _fmt(sim.get("slo_attainment"), 100) + " %" if "slo_attainment" in sim else f"n/a ({sim.get('error')})"
+        )
+        print(
+            f"| {policy} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "
+            f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['rejected']} of {r['requests']} | "
+            f"{_fmt(r['energy_j'])} | {sim_att} |"
+        )
+    if overhead:
+        print()
+        print(
+            f"/metrics overhead: {statistics.median(overhead['rps_without_scrape']):.1f} req/s without scrape, "
+            f"{statistics.median(overhead['rps_with_1s_scrape']):.1f} with a 1 s scrape: "
+            f"{100 * overhead['loss']:.1f} % loss"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
