@@ -2,10 +2,10 @@
 session.run, no batching, no scheduler.
 
 It speaks the same KServe v2 infer path as apserve (binary tensors in, JSON logits out), so the same load
-client drives both. The ONNX graph is built here from the artifact (the fp32-activation network with its
-8-bit weights, exactly what `bits=32` computes) and quantized with onnxruntime's own static int8
-quantization (QDQ, per-channel weights, u8 activations), calibrated on Fashion-MNIST test images.
-kernels/ has no ONNX graph builder yet; when it has one, use it here.
+client drives both. The ONNX graph is kernels.onnx_graphs.fp32_graph (the fp32-activation network with its
+8-bit weights, exactly what `bits=32` computes), quantized with onnxruntime's own static int8
+quantization (QDQ, per-channel weights, u8 activations) calibrated on Fashion-MNIST test images: what a
+user exporting their model and following onnxruntime's quantization guide would serve.
 
     python bench/baseline_server.py --port 8100            # builds the model once under $TMPDIR/apserve-bench
 """
@@ -24,81 +24,9 @@ from fastapi import FastAPI, Request, Response
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels.reference import dequantized_weight  # noqa: E402
 from model_store import artifact as artifact_store  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "apserve-bench"
-
-
-def build_fp32_onnx(model: artifact_store.Artifact, path: Path) -> Path:
-    """The network as an fp32 ONNX graph (NCHW, input 'image' float32 [B, 1, 28, 28] in [0, 1])."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-
-    def const(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def bn_relu(x: str, bn: str) -> str:
-        scale, shift = model.bn(bn, 32)
-        c = scale.shape[0]
-        nodes.append(helper.make_node("Mul", [x, const(f"{bn}.s", scale.reshape(1, c, 1, 1))], [f"{bn}.m"]))
-        nodes.append(helper.make_node("Add", [f"{bn}.m", const(f"{bn}.b", shift.reshape(1, c, 1, 1))], [f"{bn}.a"]))
-        nodes.append(helper.make_node("Relu", [f"{bn}.a"], [f"{bn}.r"]))
-        return f"{bn}.r"
-
-    def conv(x: str, name: str, weight: np.ndarray, stride: int, pad: int) -> str:
-        w = const(f"{name}.w", weight.astype(np.float32))
-        nodes.append(helper.make_node("Conv", [x, w], [name], strides=[stride, stride], pads=[pad] * 4))
-        return name
-
-    x = "image"
-    for layer in model.architecture:
-        name = layer["name"]
-        if layer["type"] == "stem":
-            x = conv(x, name, model.tensors[f"{name}.weight"], 1, layer["kernel"] // 2)
-        elif layer["type"] == "preact_block":
-            cin, cout, stride = layer["in"], layer["out"], layer["stride"]
-            w1 = dequantized_weight(model, f"{name}.conv1", 32, 9 * cin).reshape(3, 3, cin, cout).transpose(3, 2, 0, 1)
-            w2 = (
-                dequantized_weight(model, f"{name}.conv2", 32, 9 * cout).reshape(3, 3, cout, cout).transpose(3, 2, 0, 1)
-            )
-            h = conv(bn_relu(x, f"{name}.bn1"), f"{name}.conv1", w1, stride, 1)
-            h = conv(bn_relu(h, f"{name}.bn2"), f"{name}.conv2", w2, 1, 1)
-            shortcut = x
-            if stride != 1:
-                starts, ends = const(f"{name}.st", np.array([0, 0])), const(f"{name}.en", np.array([1 << 30] * 2))
-                axes, steps = const(f"{name}.ax", np.array([2, 3])), const(f"{name}.sp", np.array([stride] * 2))
-                nodes.append(helper.make_node("Slice", [x, starts, ends, axes, steps], [f"{name}.sub"]))
-                shortcut = f"{name}.sub"
-            if cin != cout:
-                pads = const(f"{name}.pads", np.array([0, 0, 0, 0, 0, cout - cin, 0, 0]))
-                nodes.append(helper.make_node("Pad", [shortcut, pads], [f"{name}.pad"]))
-                shortcut = f"{name}.pad"
-            nodes.append(helper.make_node("Add", [shortcut, h], [f"{name}.out"]))
-            x = f"{name}.out"
-        else:
-            r = bn_relu(x, f"{name}.bn")
-            nodes.append(helper.make_node("GlobalAveragePool", [r], [f"{name}.gap"]))
-            nodes.append(helper.make_node("Flatten", [f"{name}.gap"], [f"{name}.flat"]))
-            w, b = model.tensors[f"{name}.fc.weight"], model.tensors[f"{name}.fc.bias"]
-            gemm_in = [f"{name}.flat", const(f"{name}.fc.w", w), const(f"{name}.fc.b", b)]
-            nodes.append(helper.make_node("Gemm", gemm_in, ["logits"], transB=1))
-    graph = helper.make_graph(
-        nodes,
-        "fashion-resnet",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.checker.check_model(onnx_model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_model, str(path))
-    return path
 
 
 def _calibration_images(n: int = 256) -> np.ndarray:
@@ -113,14 +41,18 @@ def _calibration_images(n: int = 256) -> np.ndarray:
 
 def build_int8_onnx(model_path: Path = artifact_store.BUNDLED) -> Path:
     """Build (or reuse, keyed by the artifact's payload hash) the fp32 graph and its static int8 version."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from kernels.onnx_graphs import fp32_graph
 
     model = artifact_store.load(model_path)
     key = str(model.manifest["payload_sha256"])[:16]
     fp32, int8 = CACHE / f"baseline-{key}-fp32.onnx", CACHE / f"baseline-{key}-int8.onnx"
     if int8.is_file():
         return int8
-    build_fp32_onnx(model, fp32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    onnx.save(fp32_graph(model), str(fp32))
     images = _calibration_images()
 
     class Reader(CalibrationDataReader):
@@ -160,7 +92,7 @@ def create_baseline_app(onnx_path: Path, threads: int = 1) -> FastAPI:
         images = pixels.reshape(-1, 1, 28, 28).astype(np.float32)
         if tensor["datatype"] == "UINT8":
             images /= 255.0
-        logits = session.run(["logits"], {"image": images})[0]
+        logits = session.run(None, {"image": images})[0]
         out = {"model_name": model_name, "outputs": [{"name": "logits", "datatype": "FP32", "shape": list(logits.shape), "data": logits.ravel().tolist()}]}  # fmt: skip
         return Response(json.dumps(out), media_type="application/json")
 
