@@ -14,15 +14,16 @@ import bisect
 import itertools
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from policies.base import LatencyProfile, Policy, PowerState, QueuedRequest, Snapshot
+from policies.base import Decision, LatencyProfile, Policy, PowerState, QueuedRequest, Snapshot
 from policies.fixed import FixedPolicy
 from server.metrics import Metrics, bits_label
 from server.protocol import RequestOptions
@@ -94,6 +95,13 @@ class _BitsSeries:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    batch: list[_Pending]
+    bits: int
+    decision: Decision
+
+
 def _order_key(req: QueuedRequest) -> tuple[int, float, float, int]:
     return (req.priority, math.inf if req.deadline is None else req.deadline, req.arrival, req.id)
 
@@ -135,7 +143,9 @@ class Scheduler:
         self._closing = False
         self._served_accuracy: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._decided_wait: tuple[float | None] | None = None
+        self._threads: list[threading.Thread] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         # labelled metric children, looked up once: .labels() costs a few µs per call on the hot path
@@ -146,7 +156,12 @@ class Scheduler:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._pool = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="apserve-engine")
+        self._threads = [
+            threading.Thread(target=self._work, name=f"apserve-engine-{i}", daemon=True)
+            for i in range(self.config.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
         self._task = self._loop.create_task(self._run(), name="apserve-scheduler")
 
     def close(self) -> None:
@@ -159,8 +174,11 @@ class Scheduler:
         self.close()
         if self._task is not None:
             await self._task
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+        self._threads = []
 
     @property
     def closing(self) -> bool:
@@ -240,6 +258,7 @@ class Scheduler:
                 )
         pending = _Pending(req, images, self._loop.create_future(), _order_key(req))
         self._enqueue(pending)
+        self._kick()
         return pending.future
 
     def _latency(self, bits: int, size: int) -> float:
@@ -287,6 +306,14 @@ class Scheduler:
 
     # --- the loop -------------------------------------------------------------------------------
 
+    def _kick(self) -> None:
+        """Start a batch right away when a worker is free, rather than one loop iteration later."""
+        if self._queue and self._inflight < self.config.workers:
+            wait = self._dispatch()
+            if wait != 0.0:  # no batch: hand the decided wait to the loop, which arms the timer
+                self._decided_wait = (wait,)
+                self._wake.set()
+
     async def _run(self) -> None:
         assert self._loop is not None
         while True:
@@ -294,7 +321,9 @@ class Scheduler:
             if self._closing and not self._queue and self._inflight == 0:
                 return
             wait: float | None = None
-            if self._queue and self._inflight < self.config.workers:
+            if self._decided_wait is not None:  # _kick has just asked the policy: do not ask again
+                (wait,), self._decided_wait = self._decided_wait, None
+            elif self._queue and self._inflight < self.config.workers:
                 wait = self._dispatch()
                 if wait == 0.0:
                     continue
@@ -317,7 +346,7 @@ class Scheduler:
     def _dispatch(self) -> float | None:
         """Ask the policy and start a batch. Returns 0 when a batch started, else how long to wait (None:
         until the next arrival, finished batch or timer)."""
-        assert self._loop is not None and self._pool is not None
+        assert self._loop is not None
         now = self._loop.time()
         for pending in [p for p in self._queue if p.request.deadline is not None and p.request.deadline <= now]:
             self._expire(pending)  # its timer is due but has not run yet: never start stale work
@@ -353,33 +382,41 @@ class Scheduler:
             pending.queue_s += now - pending.request.arrival if not pending.escalated else 0.0
             self.metrics.queue_duration.observe(now - pending.request.arrival)
         self._inflight += 1
-        arrays = [p.images for p in chosen]
-        work = self._loop.run_in_executor(self._pool, _compute, self.engine, arrays, bits)
-        self._loop.create_task(self._finish(work, chosen, bits, decision.reason, decision.escalate_below,
-                                            decision.escalate_to))  # fmt: skip
+        self._jobs.put(_Job(chosen, bits, decision))
         return 0.0
 
-    async def _finish(
-        self,
-        work: asyncio.Future[tuple[np.ndarray, float]],
-        batch: list[_Pending],
-        bits: int,
-        reason: str,
-        escalate_below: float | None,
-        escalate_to: int | None,
-    ) -> None:
+    def _work(self) -> None:
+        """A worker thread: run batches; hand each result back to the event loop."""
+        assert self._loop is not None
+        while (job := self._jobs.get()) is not None:
+            try:
+                result: tuple[np.ndarray, float] | BaseException = _compute(
+                    self.engine, [p.images for p in job.batch], job.bits
+                )
+            except Exception as exc:
+                result = exc
+            self._loop.call_soon_threadsafe(self._finish, job, result)
+
+    def _finish(self, job: _Job, result: tuple[np.ndarray, float] | BaseException) -> None:
+        """On the event loop: answer (or escalate) the batch's requests, then start the next batch."""
+        self._inflight -= 1
+        self._wake.set()
         try:
-            logits, seconds = await work
-        except Exception as exc:  # an engine failure is our bug: log it, answer 500, keep serving
-            log.exception("engine failed at %s bits on a batch of %d requests", bits, len(batch))
+            self._answer(job, result)
+        finally:
+            self._kick()
+
+    def _answer(self, job: _Job, result: tuple[np.ndarray, float] | BaseException) -> None:
+        batch, bits, reason = job.batch, job.bits, job.decision.reason
+        escalate_below, escalate_to = job.decision.escalate_below, job.decision.escalate_to
+        if isinstance(result, BaseException):  # an engine failure is our bug: log it, answer 500, keep serving
+            log.error("engine failed at %s bits on a batch of %d requests", bits, len(batch), exc_info=result)
             for pending in batch:
                 self.metrics.requests.labels(outcome="error", bits=bits_label(bits)).inc()
                 if not pending.future.done():
-                    pending.future.set_exception(Refused(500, "error", f"engine failed: {exc}"))
+                    pending.future.set_exception(Refused(500, "error", f"engine failed: {result}"))
             return
-        finally:
-            self._inflight -= 1
-            self._wake.set()
+        logits, seconds = result
         images = int(logits.shape[0])
         series = self._series(bits)
         self._batch_counter(bits, reason).inc()

@@ -74,8 +74,8 @@ OPTIONS = RequestOptions(Hint(), None, 0)
 
 def test_escalation_reruns_unsure_requests_at_higher_bits() -> None:
     def script(snapshot: Snapshot, _: int) -> Decision:
-        if not snapshot.queue:
-            return Decision(bits=None)
+        if len(snapshot.queue) < 3 and not any(r.strict for r in snapshot.queue):
+            return Decision(bits=None)  # hold until the test's three requests are queued
         escalated = [r.id for r in snapshot.queue if r.strict]
         if escalated:
             return Decision(bits=8, requests=tuple(escalated), reason="escalated")
@@ -99,11 +99,14 @@ def test_escalation_reruns_unsure_requests_at_higher_bits() -> None:
 
 
 def test_policy_rejects_are_answered_and_wait_until_is_honoured() -> None:
+    waited_at: list[float] = []
+
     def script(snapshot: Snapshot, call: int) -> Decision:
-        if not snapshot.queue:
-            return Decision(bits=None)
-        hopeless = tuple(r.id for r in snapshot.queue if r.priority == 3)
-        if call == 1:
+        if len(snapshot.queue) < 2 and not waited_at:
+            return Decision(bits=None)  # hold until both requests are queued
+        if not waited_at:
+            waited_at.append(snapshot.now)
+            hopeless = tuple(r.id for r in snapshot.queue if r.priority == 3)
             return Decision(bits=None, reject=hopeless, wait_until=snapshot.now + 0.05, reason="too late")
         return Decision(bits=4, requests=tuple(r.id for r in snapshot.queue), reason="go")
 
@@ -117,8 +120,9 @@ def test_policy_rejects_are_answered_and_wait_until_is_honoured() -> None:
             await hopeless
         assert refused.value.status == 503 and "too late" in refused.value.message
         assert (await served).bits == 4
-        waited = [s.now for s in policy.seen if s.queue]
-        assert len(waited) >= 2 and waited[1] - waited[0] >= 0.049  # decided again only after wait_until
+        # nothing arrives after the wait decision: only the wait_until timer can have asked the policy again
+        served_at = policy.seen[-1].now
+        assert served_at - waited_at[0] >= 0.049
         await scheduler.drain()
 
     asyncio.run(test())
