@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 FP32 = 32
@@ -53,12 +54,35 @@ class LatencyProfile:
     def batches(self) -> tuple[int, ...]:
         return tuple(sorted({b for _, b in self.table}))
 
+    @cached_property
+    def _sizes(self) -> dict[int, list[int]]:
+        # the simulator asks for latencies millions of times: index the sizes per bits once
+        sizes: dict[int, list[int]] = {}
+        for k, b in self.table:
+            sizes.setdefault(k, []).append(b)
+        return {k: sorted(v) for k, v in sizes.items()}
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """Profiled bits, in increasing precision."""
+        return tuple(b for b in ALL_BITS if b in self._sizes)
+
+    @cached_property
+    def _memo(self) -> dict[tuple[int, int], float]:
+        return {}
+
     def latency(self, bits: int, batch: int) -> float:
         """Latency of one batch; linear between profiled sizes, extrapolated past the largest."""
-        sizes = [b for (k, b) in self.table if k == bits]
+        key = (bits, batch)
+        cached = self._memo.get(key)
+        if cached is None:
+            cached = self._memo[key] = self._interpolate(bits, batch)
+        return cached
+
+    def _interpolate(self, bits: int, batch: int) -> float:
+        sizes = self._sizes.get(bits)
         if not sizes:
             raise KeyError(f"no profile for bits {bits}")
-        sizes.sort()
         lo = max((s for s in sizes if s <= batch), default=sizes[0])
         hi = min((s for s in sizes if s >= batch), default=sizes[-1])
         t_lo, t_hi = self.table[(bits, lo)], self.table[(bits, hi)]
@@ -74,6 +98,7 @@ class PowerState:
     energy_in_window_j: float  # energy spent in the last window_s seconds
     idle_w: float = 0.0
     source: str = "model"  # "rapl" or "model"
+    watts_per_core: float | None = None  # the meter's model of a busy core, to predict a batch's energy
 
 
 @dataclass(frozen=True)
@@ -106,7 +131,8 @@ IDLE = Decision(bits=None, reason="empty queue")
 
 
 class Policy(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def decide(self, snapshot: Snapshot) -> Decision: ...
 

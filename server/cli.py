@@ -64,6 +64,91 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from policies import cascade, profile, simulator, traces
+    from policies.energy import PowerModel
+    from policies.registry import PolicyError, build_policy
+
+    try:
+        options = json.loads(args.policy_options) if args.policy_options else {}
+    except json.JSONDecodeError as exc:
+        print(f"apserve simulate: --policy-options is not valid JSON ({exc})", file=sys.stderr)
+        return 2
+    if not isinstance(options, dict):
+        print("apserve simulate: --policy-options must be a JSON object", file=sys.stderr)
+        return 2
+    try:
+        if args.profile == "synthetic":
+            prof = profile.standin_profile()
+        else:
+            path = args.profile or BUNDLED.with_suffix(".profile.json")
+            accuracy = {}
+            if args.model.is_file():
+                from model_store import artifact
+
+                accuracy = artifact.load(args.model).accuracy("test")
+            prof = profile.load_profile(path, accuracy)
+        if not prof.accuracy:
+            raise profile.ProfileError(f"{prof.source}: no accuracy per bits in the profile or the model manifest")
+        outcome = None
+        if args.cascade_calibration is not None:
+            doc = json.loads(args.cascade_calibration.read_text())
+            calibration = cascade.Calibration(**doc)
+            outcome = simulator.CascadeOutcome(
+                calibration.escalated_fraction, calibration.accuracy_kept, calibration.accuracy_escalated
+            )
+            if args.policy == "cascade":
+                options = {
+                    "threshold": calibration.threshold,
+                    "low_bits": calibration.low_bits,
+                    "high_bits": calibration.high_bits,
+                    **options,
+                }
+        elif args.policy == "cascade":
+            raise PolicyError("simulating cascade needs --cascade-calibration FILE (scripts/calibrate_cascade.py)")
+        build_policy(args.policy, options)  # settings errors now, not inside the run
+        capacity = simulator.fixed8_capacity(prof, args.max_batch)
+        if Path(args.trace).suffix == ".csv" or Path(args.trace).is_file():
+            trace = traces.read_csv(args.trace)
+        else:
+            trace = traces.generate(args.trace, capacity, seed=args.seed, duration=args.duration, load=args.load)
+        budget = options.get("budget_w") if isinstance(options.get("budget_w"), int | float) else None
+        config = simulator.SimConfig(
+            slo_ms=args.slo_ms,
+            max_batch_size=args.max_batch,
+            replicas=args.replicas,
+            seed=args.seed,
+            power_model=PowerModel(args.watts_per_core, args.idle_w),
+            window_s=args.window_s,
+            budget_w=budget,
+            cascade=outcome,
+        )
+        result = simulator.simulate(lambda: build_policy(args.policy, options), trace, prof, config)
+    except (profile.ProfileError, traces.TraceError, PolicyError, OSError, TypeError, ValueError) as exc:
+        print(f"apserve simulate: {exc}", file=sys.stderr)
+        return 2
+    out = result.as_dict()
+    out.update(
+        trace_description=trace.description,
+        slo_ms=args.slo_ms,
+        replicas=args.replicas,
+        profile=prof.source,
+        capacity_fixed8_ips=capacity,
+        accuracy_8=prof.accuracy.get(8),
+        policy_options=options,
+    )
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{out['policy']} on {trace.description}, SLO {args.slo_ms:g} ms, {args.replicas} replica(s)")
+        for key in ("requests", "slo_attainment", "served_accuracy", "p50_ms", "p99_ms", "rejected", "expired"):
+            print(f"  {key:<20} {out[key]}")
+        print(f"  {'energy_j':<20} {out['energy_j']:.1f} (busy {out['busy_energy_j']:.1f})")
+        print(f"  {'max_window_power_w':<20} {out['max_window_power_w']:.2f}")
+        print(f"  {'bits_served':<20} {out['bits_served']}")
+    return 0
+
+
 def _not_yet(name: str):
     def run(args: argparse.Namespace) -> int:
         print(f"apserve {name}: not implemented yet", file=sys.stderr)
@@ -105,10 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("profile", "measure latency per (bits, batch) and pick backends"),
         ("bench", "benchmark the engine against peers"),
-        ("simulate", "discrete-event simulation of a policy on a trace"),
     ):
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=_not_yet(name))
+
+    p = sub.add_parser("simulate", help="discrete-event simulation of a policy on a trace")
+    p.add_argument("--trace", default="spike", help="poisson, step, spike, diurnal, or a CSV file (arrival_s, ...)")
+    p.add_argument("--policy", default="slo", help="fixed-K, hint, queue, slo, power, cascade, composite")
+    p.add_argument("--policy-options", default=None, help="policy settings as JSON, e.g. '{\"budget_w\": 15}'")
+    p.add_argument("--replicas", type=int, default=1, help="servers behind join-shortest-queue")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-ms", type=float, default=50.0, help="deadline of requests whose trace row has none")
+    p.add_argument("--max-batch", type=int, default=32, help="max_batch_size of each server")
+    p.add_argument("--duration", type=float, default=None, help="seconds of a generated trace (default per trace)")
+    p.add_argument("--load", type=float, default=None, help="base load of a generated trace, x fixed-8 capacity")
+    p.add_argument("--profile", default=None, help="profile JSON (default: beside the bundled model) or 'synthetic'")
+    p.add_argument("--model", type=Path, default=BUNDLED, help="artifact whose manifest gives accuracy per bits")
+    p.add_argument("--cascade-calibration", type=Path, default=None, help="JSON from scripts/calibrate_cascade.py")
+    p.add_argument("--watts-per-core", type=float, default=10.0, help="power model: watts per busy core")
+    p.add_argument("--idle-w", type=float, default=5.0, help="power model: idle watts")
+    p.add_argument("--window-s", type=float, default=1.0, help="rolling power window, seconds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("loadtest", help="run Locust against a server and write a report (JSON + plots)")
     p.add_argument("--shape", default="spike", choices=["constant", "step", "spike", "diurnal", "replay"])

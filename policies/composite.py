@@ -1,0 +1,40 @@
+"""`composite`: hints and strict requests constrain, the power budget caps, `slo` chooses inside.
+
+Hints and strict requests constrain through ``Planner.candidates`` (as in every decider); with a
+``budget_w`` the power cap removes every (bits, batch) whose predicted energy does not fit the window's
+remaining energy; the slo rule then picks among what is left. When the cap leaves nothing, the
+decision waits for the budget to refill (refusing hopeless requests meanwhile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.base import IDLE, Decision, Snapshot
+from policies.planning import Planner
+from policies.power import DEFAULT_WATTS_PER_CORE, PowerCap
+from policies.slo import SloPolicy
+
+
+@dataclass(frozen=True)
+class CompositePolicy:
+    slo: SloPolicy = SloPolicy()
+    budget_w: float | None = None
+    watts_per_core: float = DEFAULT_WATTS_PER_CORE
+    name: str = "composite"
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        if not snapshot.queue:
+            return IDLE
+        if self.budget_w is None:
+            return self.slo.decide(snapshot)
+        planner = Planner(snapshot)
+        cap = PowerCap.of(snapshot, self.budget_w, self.watts_per_core, planner)
+        head = snapshot.queue[0]
+        cheapest = planner.cheapest(head)
+        waiting = (
+            cap.wait(snapshot.now, cheapest, head.size)
+            if cheapest is not None
+            else Decision(bits=None, reason="no bits allowed for the head request")
+        )
+        return self.slo.decide_within(snapshot, cap.accept, capped=waiting)

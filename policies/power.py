@@ -1,0 +1,85 @@
+"""`power`: keep the rolling average power over the meter's window at or under a budget (watts).
+
+Before each batch: the energy the meter saw in the last window (idle included) plus the predicted busy
+energy of the batch must fit ``budget_w * window_s``. While a batch runs, the window drops at least the
+idle energy it gains, so the check made at the start holds until the batch ends. Among what fits: the most
+accurate candidate bits (planning.Planner.candidates) with the fullest batch; failing that, the cheapest
+bits with as many images as fit; failing that, wait until the budget has refilled at ``budget - idle``
+watts. Deadlines are not this policy's business (`composite` adds them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.base import IDLE, Decision, PowerState, Snapshot
+from policies.energy import cpu_seconds
+from policies.planning import Planner, take_fitting
+
+DEFAULT_WATTS_PER_CORE = 10.0
+
+
+@dataclass(frozen=True)
+class PowerCap:
+    """Does a batch fit the remaining energy of the window? Built per snapshot."""
+
+    headroom_j: float
+    refill_w: float
+    watts_per_core: float
+    planner: Planner
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, budget_w: float, watts_per_core: float, planner: Planner) -> PowerCap:
+        power = snapshot.power or PowerState(budget_w=budget_w, window_s=1.0, energy_in_window_j=0.0)
+        wpc = power.watts_per_core or watts_per_core
+        return cls(
+            headroom_j=budget_w * power.window_s - power.energy_in_window_j,
+            refill_w=budget_w - power.idle_w,
+            watts_per_core=wpc,
+            planner=planner,
+        )
+
+    def energy(self, bits: int, images: int) -> float:
+        return cpu_seconds(self.planner.profile, bits, images) * self.watts_per_core
+
+    def accept(self, bits: int, images: int) -> bool:
+        return self.energy(bits, images) <= self.headroom_j
+
+    def wait(self, now: float, bits: int, images: int, reject: tuple[int, ...] = ()) -> Decision:
+        if self.refill_w <= 0:
+            return Decision(bits=None, reason="power budget at or below idle power", reject=reject)
+        deficit = max(self.energy(bits, images) - self.headroom_j, 0.0)
+        # at least 1 ms so a scheduler never spins on a window that refills continuously
+        return Decision(
+            bits=None,
+            reason="power budget exhausted",
+            reject=reject,
+            wait_until=now + max(deficit / self.refill_w, 0.001),
+        )
+
+
+@dataclass(frozen=True)
+class PowerPolicy:
+    budget_w: float
+    watts_per_core: float = DEFAULT_WATTS_PER_CORE
+    name: str = "power"
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        if not snapshot.queue:
+            return IDLE
+        planner = Planner(snapshot)
+        cap = PowerCap.of(snapshot, self.budget_w, self.watts_per_core, planner)
+        head = snapshot.queue[0]
+        candidates = planner.candidates(head)
+        if not candidates:
+            return Decision(bits=None, reason="no bits allowed for the head request")
+        for bits in candidates:
+            batch = planner.fill(snapshot.queue, bits)
+            if cap.accept(bits, sum(r.size for r in batch)):
+                return Decision(bits=bits, requests=tuple(r.id for r in batch), reason="within budget")
+        cheapest = planner.cheapest(head)
+        assert cheapest is not None
+        batch = take_fitting(planner, snapshot.queue, cheapest, cap.accept)
+        if batch:
+            return Decision(bits=cheapest, requests=tuple(r.id for r in batch), reason="budget-limited batch")
+        return cap.wait(snapshot.now, cheapest, head.size)
