@@ -409,6 +409,31 @@ def _model_config(rt: Runtime) -> dict[str, Any]:
 
 
 def _add_v2_routes(app: FastAPI) -> None:
+    # the infer route first: routes are matched in order, and it is the hot one
+    @app.post("/v2/models/{model_name}/infer", openapi_extra=_INFER_OPENAPI)
+    async def infer(model_name: str, request: Request) -> Response:
+        rt = _runtime(request)
+        _check_model(rt, model_name)
+        body = await _read_body(request, rt.settings.max_body_bytes)
+        parsed = parse_infer(
+            body,
+            request.headers.get(HEADER_LENGTH),
+            max_batch_size=rt.settings.max_batch_size,
+            priority_levels=rt.settings.priority_levels,
+        )
+        outcome = await rt.scheduler.submit(parsed.images, parsed.options)
+        params = {
+            "bits": outcome.bits,
+            "queue_us": outcome.queue_us,
+            "compute_us": outcome.compute_us,
+            "batch_size": outcome.batch_size,
+        }
+        content, headers = encode_infer_response(
+            rt.settings.model_name, parsed.id, outcome.logits, params, parsed.binary_output
+        )
+        media = "application/octet-stream" if parsed.binary_output else "application/json"
+        return Response(content, media_type=media, headers=headers)
+
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
         return {"name": "apserve", "version": _version(), "extensions": ["binary_tensor_data", "model_configuration"]}
@@ -449,30 +474,6 @@ def _add_v2_routes(app: FastAPI) -> None:
         rt = _runtime(request)
         _check_model(rt, model_name)
         return _model_config(rt)
-
-    @app.post("/v2/models/{model_name}/infer", openapi_extra=_INFER_OPENAPI)
-    async def infer(model_name: str, request: Request) -> Response:
-        rt = _runtime(request)
-        _check_model(rt, model_name)
-        body = await _read_body(request, rt.settings.max_body_bytes)
-        parsed = parse_infer(
-            body,
-            request.headers.get(HEADER_LENGTH),
-            max_batch_size=rt.settings.max_batch_size,
-            priority_levels=rt.settings.priority_levels,
-        )
-        outcome = await rt.scheduler.submit(parsed.images, parsed.options)
-        params = {
-            "bits": outcome.bits,
-            "queue_us": outcome.queue_us,
-            "compute_us": outcome.compute_us,
-            "batch_size": outcome.batch_size,
-        }
-        content, headers = encode_infer_response(
-            rt.settings.model_name, parsed.id, outcome.logits, params, parsed.binary_output
-        )
-        media = "application/octet-stream" if parsed.binary_output else "application/json"
-        return Response(content, media_type=media, headers=headers)
 
 
 def _decode_image(data: bytes) -> tuple[np.ndarray, bool]:
