@@ -15,6 +15,7 @@ admission, or early by the policy), or the server is draining; 504 the deadline 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import io
 import json
@@ -100,7 +101,12 @@ def _power_meter(settings: Settings, profile: LatencyProfile) -> Any:
     except ImportError:
         return None
     factory = getattr(power, "meter_from_settings", None)
-    return factory(settings, profile) if factory is not None else None
+    if factory is None:
+        return None
+    try:
+        return factory(settings, profile)
+    except ValueError as exc:  # power.PowerError: a power setting the meter cannot use
+        raise SettingsError(f"invalid setting power: {exc}") from None
 
 
 @dataclass
@@ -184,6 +190,18 @@ def build_runtime(
         metrics.slo.set(settings.slo_ms / 1e3)
     _update_power(runtime)
     return runtime
+
+
+def _update_budget(runtime: Runtime, options: Mapping[str, Any]) -> None:
+    """A new policy's ``budget_w`` reaches the meter (keeping its energy history)."""
+    meter = runtime.power_meter
+    meter_settings: Any = getattr(meter, "settings", None)
+    if meter_settings is None or not dataclasses.is_dataclass(meter_settings) or isinstance(meter_settings, type):
+        return
+    raw = options.get("budget_w")
+    budget = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0 else None
+    meter.settings = dataclasses.replace(meter_settings, budget_w=budget)
+    runtime.metrics.power_budget.set(budget or 0.0)
 
 
 def _update_power(runtime: Runtime) -> None:
@@ -579,6 +597,7 @@ def _add_v1_routes(app: FastAPI) -> None:
             raise ProtocolError(f"invalid settings for policy {name!r}: {exc}", 422) from None
         async with rt.policy_lock:
             previous = rt.policy_name
+            _update_budget(rt, data)
             rt.scheduler.set_policy(policy)
             rt.policy_name, rt.policy_options = policy.name, data
             rt.metrics.set_build(_version(), rt.settings.model_name, policy.name)

@@ -29,6 +29,7 @@ from server.metrics import Metrics, bits_label
 from server.protocol import RequestOptions
 
 log = logging.getLogger("apserve.scheduler")
+POWER_REFRESH_S = 0.005
 
 
 class Runner(Protocol):
@@ -145,6 +146,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._decided_wait: tuple[float | None] | None = None
+        self._power_cache: tuple[float, PowerState] | None = None
         self._threads: list[threading.Thread] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -340,8 +342,18 @@ class Scheduler:
             accuracy=self.config.accuracy,
             max_batch_size=self.config.max_batch_size,
             default_bits=self.config.default_bits,
-            power=self.power_meter.state(now) if self.power_meter is not None else None,
+            power=self._power_state(now),
         )
+
+    def _power_state(self, now: float) -> PowerState | None:
+        """The meter's state, re-read at most every POWER_REFRESH_S: a RAPL read costs tens of µs and the
+        budget's window is a second or more, so a few ms of staleness change nothing."""
+        if self.power_meter is None:
+            return None
+        cached = self._power_cache
+        if cached is None or now - cached[0] >= POWER_REFRESH_S:
+            cached = self._power_cache = (now, self.power_meter.state(now))
+        return cached[1]
 
     def _dispatch(self) -> float | None:
         """Ask the policy and start a batch. Returns 0 when a batch started, else how long to wait (None:
@@ -425,6 +437,7 @@ class Scheduler:
         series.images.inc(images)
         if self._on_batch is not None:
             self._on_batch(bits, images, seconds)
+            self._power_cache = None
         self._track_accuracy(bits, images)
 
         done = self._loop.time() if self._loop is not None else time.monotonic()

@@ -504,3 +504,41 @@ def test_invalid_settings_name_the_setting(tmp_path: Any, monkeypatch: pytest.Mo
         load_settings(config)
     with pytest.raises(SettingsError, match="policy"):
         create_app(load_settings(None, policy="fastest"), engine=GatedEngine(), profile_data=PROFILE)
+
+
+@pytest.mark.parametrize(
+    ("policy", "options"),
+    [
+        ("queue", {}),
+        ("slo", {}),
+        ("composite", {}),
+        ("power", {"budget_w": 1000.0}),
+        ("cascade", {"threshold": 0.5}),
+    ],
+)
+def test_every_policy_serves_through_the_scheduler(policy: str, options: dict) -> None:
+    async def test() -> None:
+        async with serving(policy=policy, policy_options=options, slo_ms=5000) as c:
+            results = await asyncio.gather(*(c.post(INFER, json=body(i)) for i in range(1, 6)))
+            assert [r.status_code for r in results] == [200] * 5, [r.text for r in results]
+            assert all(r.json()["parameters"]["bits"] in BITS for r in results)
+            strict = await c.post(INFER, json=body(parameters={"precision": 2}))
+            assert strict.status_code == 200 and strict.json()["parameters"]["bits"] == 2
+
+    run(test)
+
+
+def test_power_budget_reaches_the_meter_on_a_policy_swap() -> None:
+    async def test() -> None:
+        async with serving(admin_token="t", power_source="model") as c:
+            auth = {"Authorization": "Bearer t"}
+            r = await c.put("/v1/policy", json={"policy": "power", "budget_w": 42.0}, headers=auth)
+            assert r.status_code == 200, r.text
+            assert (await c.post(INFER, json=body())).status_code == 200
+            text = (await c.get("/metrics")).text
+            assert "apserve_power_budget_watts 42.0" in text
+            assert 'apserve_power_watts{source="model"}' in text
+            r = await c.put("/v1/policy", json={"policy": "power"}, headers=auth)
+            assert r.status_code == 422 and "budget_w" in r.json()["error"]
+
+    run(test)
