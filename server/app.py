@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kernels.engine import Engine
 from model_store import artifact as artifact_store
 from policies.base import LatencyProfile, Policy
+from policies.profile import ProfileError, parse_profile, standin_document
 from policies.registry import PolicyError, build_policy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME, ProtocolError, encode_infer_response, parse_infer
@@ -58,40 +59,26 @@ def _version() -> str:
 # --- start-up: model, profile, policy -----------------------------------------------------------------
 
 
-def _profile_dict(artifact: artifact_store.Artifact, settings: Settings) -> dict[str, Any]:
-    """The profile of docs/INTERNALS.md: from kernels.profiler when it exists, else the file, else a default."""
+def _profile_dict(artifact: artifact_store.Artifact, settings: Settings) -> tuple[dict[str, Any], str]:
+    """The profile document of docs/INTERNALS.md and where it came from: kernels.profiler when it exists,
+    else the profile file, else policies.profile's stand-in figures (labelled as such)."""
     path = settings.resolved_profile_path
     try:
         from kernels.profiler import load_or_profile  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         load_or_profile = None
     if load_or_profile is not None:
-        return dict(load_or_profile(artifact, path, settings.engine_threads))
+        return dict(load_or_profile(artifact, path, settings.engine_threads)), str(path)
     if path.is_file():
         try:
-            return dict(json.loads(path.read_text()))
+            return dict(json.loads(path.read_text())), str(path)
         except (OSError, ValueError) as exc:
             raise SettingsError(f"invalid setting profile_path: {path} is not a readable profile ({exc})") from None
-    # No profile yet: a default table (the numpy reference engine's ~20 ms per image at every bits), so
-    # admission and policies have numbers; `apserve profile` writes the real one.
-    rows = [
-        {"bits": bits, "batch": batch, "backend": "default-table", "ms_median": 20.0 * batch, "ms_p90": 20.0 * batch}
-        for bits in artifact.bits
-        for batch in (1, settings.max_batch_size)
-    ]
-    return {"rows": rows, "source": "default table (no profile file): 20 ms per image at every bits"}
-
-
-def _latency_profile(data: Mapping[str, Any], servable: tuple[int, ...]) -> LatencyProfile:
-    table: dict[tuple[int, int], float] = {}
-    cpu: dict[tuple[int, int], float] = {}
-    for row in data.get("rows", []):
-        key = (int(row["bits"]), int(row["batch"]))
-        table[key] = float(row["ms_median"]) / 1e3
-        if row.get("cpu_ms") is not None:
-            cpu[key] = float(row["cpu_ms"]) / 1e3
-    pareto = tuple(int(b) for b in data.get("pareto", ()) if int(b) in servable) or servable
-    return LatencyProfile(table=table, pareto=pareto, cpu_seconds=cpu or None)
+    # No profile yet: expected figures, so admission and policies have numbers; `apserve profile` measures.
+    # Their accuracy table is dropped: accuracy comes from the artifact or is unknown, never invented.
+    standin = standin_document(settings.engine_threads)
+    standin.pop("accuracy", None)
+    return standin, f"stand-in figures (no profile at {path}; run `apserve profile`)"
 
 
 def _power_meter(settings: Settings, profile: LatencyProfile) -> Any:
@@ -116,6 +103,7 @@ class Runtime:
     engine: Runner
     profile: LatencyProfile
     profile_data: dict[str, Any]
+    profile_source: str
     accuracy: dict[int, float]
     servable: tuple[int, ...]
     metrics: Metrics
@@ -141,13 +129,19 @@ def build_runtime(
         policy = build_policy(settings.policy, settings.policy_options)
     except PolicyError as exc:
         raise SettingsError(f"invalid setting policy: {exc}") from None
-    profile_data = dict(profile_data) if profile_data is not None else _profile_dict(model, settings)
-    profiled = {int(r["bits"]) for r in profile_data.get("rows", [])}
-    servable = tuple(b for b in model.bits if b in profiled) or model.bits
+    if profile_data is not None:
+        profile_data, source = dict(profile_data), "given"
+    else:
+        profile_data, source = _profile_dict(model, settings)
+    try:  # the simulator's parser: both read a profile the same way
+        parsed = parse_profile(profile_data, source, accuracy=model.accuracy("test"))
+    except ProfileError as exc:
+        raise SettingsError(f"invalid setting profile_path: {exc}") from None
+    profile, accuracy = parsed.latency, parsed.accuracy
+    profiled = {bits for bits, _ in profile.table}
+    servable = tuple(b for b in model.bits if b in profiled)
     if settings.default_bits not in servable:
         raise SettingsError(f"invalid setting default_bits: {settings.default_bits} is not servable {servable}")
-    profile = _latency_profile(profile_data, servable)
-    accuracy = model.accuracy("test") or {int(k): float(v) for k, v in profile_data.get("accuracy", {}).items()}
     metrics = Metrics()
     meter = _power_meter(settings, profile)
     config = SchedulerConfig(
@@ -175,6 +169,7 @@ def build_runtime(
         engine=runner,
         profile=profile,
         profile_data=profile_data,
+        profile_source=source,
         accuracy=accuracy,
         servable=servable,
         metrics=metrics,
@@ -402,7 +397,7 @@ def _model_metadata(rt: Runtime) -> dict[str, Any]:
             "labels": rt.artifact.labels,
             "default_bits": rt.settings.default_bits,
             "policy": rt.policy_name,
-            "profile": rt.profile_data.get("source", str(rt.settings.resolved_profile_path)),
+            "profile": rt.profile_source,
         },
         "servable_bits": bits,
     }
