@@ -312,8 +312,9 @@ class Scheduler:
         """Start a batch right away when a worker is free, rather than one loop iteration later."""
         if self._queue and self._inflight < self.config.workers:
             wait = self._dispatch()
-            if wait != 0.0:  # no batch: hand the decided wait to the loop, which arms the timer
-                self._decided_wait = (wait,)
+            # no batch: hand the decided wait to the loop, which arms the timer (a batch: nothing to hand)
+            self._decided_wait = None if wait == 0.0 else (wait,)
+            if wait != 0.0:
                 self._wake.set()
 
     async def _run(self) -> None:
