@@ -60,24 +60,29 @@ def _version() -> str:
 
 
 def _profile_dict(artifact: artifact_store.Artifact, settings: Settings) -> tuple[dict[str, Any], str]:
-    """The profile document of docs/INTERNALS.md and where it came from: kernels.profiler when it exists,
-    else the profile file, else policies.profile's stand-in figures (labelled as such)."""
+    """The profile document of docs/INTERNALS.md and where it came from. With ``profile_on_start``:
+    kernels.profiler.load_or_profile (profiles now unless the saved one matches, minutes on a busy
+    machine). Otherwise the saved file if there is one (a stale one with a warning; its accuracy only if it
+    was made for this very model), else policies.profile's stand-in latencies."""
+    from kernels import profiler
+
     path = settings.resolved_profile_path
-    try:
-        from kernels.profiler import load_or_profile  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        load_or_profile = None
-    if load_or_profile is not None:
-        return dict(load_or_profile(artifact, path, settings.engine_threads)), str(path)
+    if settings.profile_on_start:
+        return dict(profiler.load_or_profile(artifact, path, settings.engine_threads)), str(path)
     if path.is_file():
         try:
-            return dict(json.loads(path.read_text())), str(path)
+            doc = dict(json.loads(path.read_text()))
         except (OSError, ValueError) as exc:
             raise SettingsError(f"invalid setting profile_path: {path} is not a readable profile ({exc})") from None
-    # No profile yet: expected figures, so admission and policies have numbers; `apserve profile` measures.
-    # Their accuracy table is dropped: accuracy comes from the artifact or is unknown, never invented.
+        if not profiler.matches(doc, artifact, settings.engine_threads):
+            log.warning("profile %s was made on other hardware, threads or model; run `apserve profile`", path)
+        if doc.get("model_sha256") != profiler.model_sha256(artifact):  # another model's accuracy: not ours
+            doc.pop("accuracy", None)
+            doc.pop("pareto", None)
+        return doc, str(path)
+    log.warning("no profile at %s: stand-in latencies until `apserve profile` writes one", path)
     standin = standin_document(settings.engine_threads)
-    standin.pop("accuracy", None)
+    standin.pop("accuracy", None)  # accuracy comes from the artifact or is unknown, never invented
     return standin, f"stand-in figures (no profile at {path}; run `apserve profile`)"
 
 
