@@ -149,12 +149,65 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"apserve {name}: not implemented yet", file=sys.stderr)
-        return 2
+def _positive_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"apserve: {what} must be a comma-separated list of positive integers, not {text!r}")
+    return values
 
-    return run
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from kernels import profiler
+    from model_store import artifact
+
+    if args.threads < 1:
+        raise SystemExit("apserve: --threads must be at least 1")
+    model = artifact.load(args.model)
+    result = profiler.profile(
+        model,
+        threads=args.threads,
+        batches=_positive_ints(args.batches, "--batches"),
+        bits_list=args.bits,
+        check_images=args.check_images,
+    )
+    out = profiler.save(result, args.out or profiler.default_path(model))
+    print(f"apserve profile: wrote {out}", file=sys.stderr)
+    if args.json:
+        _print_json(result)
+    else:
+        for bits, backend in result["backends"].items():
+            print(f"  {bits:>2} bits  {backend}")
+        print(f"  pareto: {result['pareto']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kernels import bench
+    from model_store import artifact
+
+    if args.threads < 1:
+        raise SystemExit("apserve: --threads must be at least 1")
+    model = artifact.load(args.model)
+    backends = None
+    if args.profile:
+        try:
+            backends = json.loads(args.profile.read_text())["backends"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"apserve: cannot read backends from profile {args.profile}: {exc!r}") from None
+    result = bench.bench(model, threads=args.threads, backends=backends)
+    if args.json:
+        _print_json(result)
+    else:
+        for row in result["rows"]:
+            print(
+                f"  {row['bits']:>2} bits batch {row['batch']:>3} {row['backend']:<18} {row['ms_median']:9.3f} ms {row['gmacs']:8.2f} GMAC/s"
+            )
+        for peer in result["peers"]:
+            print(f"  {peer['name']:<26} batch {peer['batch']:>3} {peer['ms_median']:9.3f} ms")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,12 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None, help="precision policy: fixed-K, hint, queue, slo, power, cascade, ...")
     p.set_defaults(func=cmd_serve)
 
-    for name, text in (
-        ("profile", "measure latency per (bits, batch) and pick backends"),
-        ("bench", "benchmark the engine against peers"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.set_defaults(func=_not_yet(name))
+    p = sub.add_parser(
+        "profile", help="measure latency per (bits, batch) and backend, check each against the reference"
+    )
+    p.add_argument("--model", type=Path, default=BUNDLED, help="artifact path (default: the bundled model)")
+    p.add_argument("--out", type=Path, default=None, help="profile file (default: beside the model, NAME.profile.json)")
+    p.add_argument("--threads", type=int, default=2, help="cores the engine may use")
+    p.add_argument("--bits", type=_bits_arg, default=list(BITS), help="comma-separated bits (default: all)")
+    p.add_argument("--batches", default="1,2,4,8,16,32,64", help="comma-separated batch sizes")
+    p.add_argument("--check-images", type=int, default=1000, help="test images each backend is checked on")
+    p.add_argument("--json", action="store_true", help="print the profile on stdout")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("bench", help="benchmark the engine (bits 32, 8, 4, 2, 1 x batch 1, 32) against peers")
+    p.add_argument("--model", type=Path, default=BUNDLED, help="artifact path (default: the bundled model)")
+    p.add_argument("--threads", type=int, default=2, help="cores the engine and the peers may use")
+    p.add_argument(
+        "--profile", type=Path, default=None, help="profile whose backends to use (default: built-in choice)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("simulate", help="discrete-event simulation of a policy on a trace")
     p.add_argument("--trace", default="spike", help="poisson, step, spike, diurnal, or a CSV file (arrival_s, ...)")

@@ -1,0 +1,242 @@
+"""`apserve profile`: latency per (bits, batch, backend) on this machine, each backend checked against
+the reference engine, the fastest correct backend per bits, and the Pareto set of bits.
+
+The profile file (format in docs/INTERNALS.md) is what the server and the simulator load at start;
+``load_or_profile`` re-profiles when the hardware fingerprint (or the model) differs from the file's.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernels import bitserial
+from kernels.engine import FP32, ORT_FP32, ORT_INT8, build_runner
+from kernels.reference import ReferenceEngine
+from model_store import fashion_mnist
+from model_store.artifact import Artifact
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+CHECK_IMAGES = 1000
+# The bit-serial cost grows with k^2 plane pairs: past 4 bits it cannot beat int8, so it is not timed
+# there by default (measured: see docs/PERFORMANCE.md). The portable C path is timed only where no SIMD
+# path exists.
+NATIVE_MAX_BITS = 4
+LOGIT_TOLERANCE = 1e-3  # relative to the largest reference logit
+
+
+def fingerprint(threads: int) -> dict[str, Any]:
+    import onnxruntime
+
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_vpopcntdq", "avx_vnni", "popcnt")
+                flags = sorted(f for f in value.split() if f in wanted)
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "flags": flags,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "onnxruntime": onnxruntime.__version__,
+        "native_paths": bitserial.available_paths(),
+    }
+
+
+def model_sha256(artifact: Artifact) -> str:
+    return str(artifact.manifest.get("payload_sha256") or hashlib.sha256(artifact.path.read_bytes()).hexdigest())
+
+
+def candidates(bits: int) -> list[str]:
+    if bits == FP32:
+        return [ORT_FP32]
+    paths = bitserial.available_paths()
+    simd = [p for p in paths if p != "scalar"] or ["scalar"]
+    native = [f"native-{p}" for p in simd] if bits <= NATIVE_MAX_BITS else []
+    return ([ORT_INT8] if bits >= 3 else []) + native
+
+
+def time_runs(
+    run: Callable[[], Any], min_runs: int = 5, max_runs: int = 50, min_seconds: float = 0.3
+) -> tuple[list[float], list[float]]:
+    """Wall and CPU milliseconds of repeated calls, after one warm-up call."""
+    run()
+    walls: list[float] = []
+    cpus: list[float] = []
+    start = time.perf_counter()
+    while len(walls) < min_runs or (len(walls) < max_runs and time.perf_counter() - start < min_seconds):
+        w0, c0 = time.perf_counter(), time.process_time()
+        run()
+        walls.append(1000 * (time.perf_counter() - w0))
+        cpus.append(1000 * (time.process_time() - c0))
+    return walls, cpus
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def accuracy_table(
+    artifact: Artifact, images: np.ndarray, labels: np.ndarray, reference: ReferenceEngine
+) -> dict[int, float]:
+    """The artifact's validation accuracy per bits; measured on the check images where it has none."""
+    for split in ("validation", "val", "test"):
+        table = artifact.accuracy(split)
+        if all(b in table for b in artifact.bits):
+            return table
+    return {b: float((reference.run(images, b).argmax(1) == labels).mean()) for b in artifact.bits}
+
+
+def pareto(latency: dict[int, float], accuracy: dict[int, float]) -> list[int]:
+    """Bits for which no other bits is both at least as fast and as accurate, and better in one."""
+    keep = []
+    for b in latency:
+        dominated = any(
+            latency[o] <= latency[b]
+            and accuracy[o] >= accuracy[b]
+            and (latency[o] < latency[b] or accuracy[o] > accuracy[b])
+            for o in latency
+            if o != b
+        )
+        if not dominated:
+            keep.append(b)
+    return sorted(keep)
+
+
+def profile(
+    artifact: Artifact,
+    threads: int = 1,
+    batches: Sequence[int] = BATCHES,
+    bits_list: Sequence[int] | None = None,
+    check_images: int = CHECK_IMAGES,
+    progress: bool = True,
+) -> dict[str, Any]:
+    bits_list = list(bits_list or artifact.bits)
+    test = fashion_mnist.load("test")
+    images, labels = test.images[:check_images][:, None], test.labels[:check_images]
+    flat = images.reshape(len(images), 784)
+    reference = ReferenceEngine(artifact)
+    rng = np.random.default_rng(0)
+    timing_images = test.images[rng.choice(len(test), size=max(batches), replace=False)].reshape(-1, 784)
+    rows: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    chosen: dict[str, str] = {}
+    for bits in bits_list:
+        want = reference.run(images, bits)
+        best: tuple[float, str] | None = None
+        for backend in candidates(bits):
+            name, runner = build_runner(artifact, bits, backend, threads)
+            got = runner(flat)
+            agreement = float((got.argmax(1) == want.argmax(1)).mean())
+            max_diff = float(np.abs(got - want).max())
+            correct = agreement == 1.0 and max_diff <= LOGIT_TOLERANCE * max(1.0, float(np.abs(want).max()))
+            checks.append(
+                {"bits": bits, "backend": name, "agreement": agreement, "max_abs_diff": max_diff, "correct": correct}
+            )
+            total = 0.0
+            for batch in batches:
+                x = timing_images[:batch]
+                walls, cpus = time_runs(functools.partial(runner, x))
+                row: dict[str, Any] = {
+                    "bits": bits,
+                    "batch": batch,
+                    "backend": name,
+                    "ms_median": round(statistics.median(walls), 4),
+                    "ms_p90": round(percentile(walls, 90), 4),
+                    "cpu_ms": round(statistics.median(cpus), 4),
+                }
+                rows.append(row)
+                total += row["ms_median"]
+            if progress:
+                _log(
+                    f"profile: {bits:>2} bits {name:<18} agreement {100 * agreement:6.2f} %  sum of medians {total:9.2f} ms"
+                )
+            if correct and (best is None or total < best[0]):
+                best = (total, name)
+        if best is None:
+            raise RuntimeError(f"no backend for {bits} bits agrees with the reference engine: {checks[-1]}")
+        chosen[str(bits)] = best[1]
+    accuracy = accuracy_table(artifact, images, labels, reference)
+    ref_batch = 32 if 32 in batches else max(batches)
+    latency = {
+        b: next(
+            r["ms_median"]
+            for r in rows
+            if r["bits"] == b and r["backend"] == chosen[str(b)] and r["batch"] == ref_batch
+        )
+        for b in bits_list
+    }
+    return {
+        "fingerprint": fingerprint(threads),
+        "model_sha256": model_sha256(artifact),
+        "threads": threads,
+        "rows": rows,
+        "backends": chosen,
+        "accuracy": {str(b): accuracy[b] for b in bits_list if b in accuracy},
+        "pareto": pareto(latency, {b: accuracy.get(b, 0.0) for b in bits_list}),
+        "checks": checks,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def save(profile_: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(profile_, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def default_path(artifact: Artifact) -> Path:
+    """model_store/fashion-resnet.apm -> model_store/fashion-resnet.profile.json"""
+    return artifact.path.with_suffix(".profile.json")
+
+
+def matches(profile_: dict[str, Any], artifact: Artifact, threads: int) -> bool:
+    """Whether a saved profile was made on this hardware, thread count and model."""
+    return profile_.get("fingerprint") == fingerprint(threads) and profile_.get("model_sha256") == model_sha256(
+        artifact
+    )
+
+
+def load_or_profile(
+    artifact: Artifact, path: str | Path | None = None, threads: int = 1, **options: Any
+) -> dict[str, Any]:
+    """The saved profile when it matches this machine and model; otherwise profile now and save it
+    (a path that cannot be written is only logged: the fresh profile is still returned)."""
+    path = Path(path) if path else default_path(artifact)
+    try:
+        saved = json.loads(path.read_text())
+        if matches(saved, artifact, threads):
+            return saved
+        _log(f"profile: {path} was made on other hardware, threads or model: profiling again")
+    except (OSError, json.JSONDecodeError):
+        _log(f"profile: no usable profile at {path}: profiling")
+    fresh = profile(artifact, threads=threads, **options)
+    try:
+        save(fresh, path)
+    except OSError as exc:
+        _log(f"profile: could not write {path} ({exc})")
+    return fresh

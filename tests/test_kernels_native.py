@@ -1,0 +1,88 @@
+"""The native bit-serial kernels: every dispatch path this CPU runs is bit-exact against a plain numpy
+integer conv and against the portable C path, on random layers with odd shapes and both strides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import bitserial
+from kernels.reference import im2col, to_input
+from model_store.artifact import pack_planes
+
+PATHS = bitserial.available_paths()
+
+
+def integer_conv(codes: np.ndarray, codes8: np.ndarray, bits: int, stride: int) -> np.ndarray:
+    """sum_j (2 c_j + 1 - 2^k) a_j in int64, with c the top-k bits of the 8-bit weight codes."""
+    c = (codes8 >> (8 - bits)).astype(np.int64)
+    levels = 2 * c + 1 - (1 << bits)  # [cout, K]
+    cols = im2col(codes.astype(np.int64), 3, stride)  # [B, Ho, Wo, K], zero padding
+    return cols @ levels.T
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("cin", "cout", "size", "stride", "bits"),
+    [
+        (32, 32, 7, 1, 1),
+        (32, 64, 9, 2, 2),
+        (3, 5, 5, 1, 1),  # a row shorter than one word
+        (70, 9, 6, 2, 2),  # channels straddle a word, odd cout (SIMD tails)
+        (64, 128, 4, 1, 1),
+        (130, 7, 3, 1, 3),  # three words per pixel, three planes
+        (17, 33, 8, 2, 8),  # all eight planes
+        (128, 6, 5, 1, 5),
+    ],
+)
+def test_integer_conv_matches_numpy(path, cin, cout, size, stride, bits):
+    rng = np.random.default_rng(cin * 1000 + cout + bits)
+    codes8 = rng.integers(0, 256, size=(cout, 9 * cin), dtype=np.uint8)
+    planes = pack_planes(codes8)
+    acts = rng.integers(0, 1 << bits, size=(2, size, size + 1, cin), dtype=np.uint8)
+    got = bitserial.conv_codes(acts, planes, bits, stride, path=path)
+    np.testing.assert_array_equal(got, integer_conv(acts, codes8, bits, stride))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_extreme_codes_do_not_overflow(path):
+    """All-ones activations and weights at 8 bits: the largest sums the accumulators must hold."""
+    cin, cout = 128, 4
+    codes8 = np.full((cout, 9 * cin), 255, np.uint8)
+    codes8[1] = 0
+    acts = np.full((1, 5, 5, cin), 255, np.uint8)
+    got = bitserial.conv_codes(acts, pack_planes(codes8), 8, 1, path=path)
+    np.testing.assert_array_equal(got, integer_conv(acts, codes8, 8, 1))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_every_path_gives_identical_logits(bundled, test_split, bits):
+    x = to_input(test_split.images[:24][:, None], np.float64)[..., 0]
+    outs = {p: bitserial.BitSerialNet(bundled, bits, p).run(x, threads=1) for p in PATHS}
+    for path in PATHS:
+        np.testing.assert_array_equal(outs[path], outs["scalar"], err_msg=f"{path} differs from scalar")
+
+
+def test_threads_split_the_batch_without_changing_results(bundled, test_split):
+    x = to_input(test_split.images[:7][:, None], np.float64)[..., 0]
+    net = bitserial.BitSerialNet(bundled, 1)
+    np.testing.assert_array_equal(net.run(x, threads=3), net.run(x, threads=1))
+
+
+def test_weights_are_read_in_place(bundled):
+    """One copy of the packed weights: the native net points into the artifact's own buffer."""
+    net = bitserial.BitSerialNet(bundled, 2)
+    planes = bundled.tensors["s1b1.conv1.planes"]
+    assert any(np.shares_memory(a, planes) for a in net._keep)
+
+
+def test_unsupported_path_is_refused_clearly():
+    with pytest.raises(ValueError, match="unknown kernel path"):
+        bitserial.conv_codes(
+            np.zeros((1, 3, 3, 1), np.uint8), pack_planes(np.zeros((1, 9), np.uint8)), 1, 1, path="neon"
+        )
+    if "avx512" not in PATHS:
+        with pytest.raises(bitserial.NativeError, match="not supported by this CPU"):
+            bitserial.conv_codes(
+                np.zeros((1, 3, 3, 1), np.uint8), pack_planes(np.zeros((1, 9), np.uint8)), 1, 1, path="avx512"
+            )

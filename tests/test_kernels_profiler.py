@@ -1,0 +1,51 @@
+"""The profiler: file format, correctness checks, backend choice, Pareto set, load-or-profile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kernels import profiler
+from server.cli import main
+
+
+def test_pareto_keeps_only_undominated_bits():
+    latency = {1: 1.0, 2: 2.0, 4: 3.0, 8: 3.0, 32: 10.0}
+    accuracy = {1: 0.80, 2: 0.88, 4: 0.90, 8: 0.89, 32: 0.91}
+    assert profiler.pareto(latency, accuracy) == [1, 2, 4, 32]
+
+
+@pytest.fixture(scope="module")
+def small_profile(bundled):
+    return profiler.profile(bundled, threads=1, batches=(1, 2), bits_list=(1, 32), check_images=16, progress=False)
+
+
+def test_profile_format(small_profile, bundled):
+    p = small_profile
+    assert set(p) >= {"fingerprint", "model_sha256", "threads", "rows", "backends", "accuracy", "pareto"}
+    assert p["model_sha256"] == bundled.manifest["payload_sha256"] and p["threads"] == 1
+    assert p["backends"]["32"] == "onnxruntime-fp32" and p["backends"]["1"].startswith("native-")
+    for row in p["rows"]:
+        assert set(row) == {"bits", "batch", "backend", "ms_median", "ms_p90", "cpu_ms"}
+        assert row["ms_p90"] >= row["ms_median"] > 0
+    assert {(r["bits"], r["batch"]) for r in p["rows"]} == {(b, n) for b in (1, 32) for n in (1, 2)}
+    assert all(c["correct"] and c["agreement"] == 1.0 for c in p["checks"])
+    assert set(p["pareto"]) <= {1, 32} and p["pareto"]
+
+
+def test_load_or_profile_reuses_a_matching_file_and_redoes_a_foreign_one(small_profile, bundled, tmp_path, monkeypatch):
+    path = profiler.save(small_profile, tmp_path / "p.json")
+    monkeypatch.setattr(profiler, "profile", lambda *a, **k: pytest.fail("re-profiled a matching profile"))
+    assert profiler.load_or_profile(bundled, path, threads=1) == small_profile
+
+    foreign = dict(small_profile, fingerprint={**small_profile["fingerprint"], "cpu": "another CPU"})
+    profiler.save(foreign, path)
+    monkeypatch.setattr(profiler, "profile", lambda *a, **k: dict(small_profile, created="fresh"))
+    assert profiler.load_or_profile(bundled, path, threads=1)["created"] == "fresh"
+    assert json.loads(path.read_text())["created"] == "fresh"
+
+
+def test_cli_refuses_bad_batches(capsys):
+    with pytest.raises(SystemExit, match="--batches"):
+        main(["profile", "--batches", "0,x"])
