@@ -136,7 +136,7 @@ class Scheduler:
         self.config = config
         self.metrics = metrics
         self.power_meter = power_meter
-        self._on_batch = on_batch  # (bits, images, seconds): energy accounting, when a meter wants it
+        self._on_batch = on_batch  # (bits, images, seconds), on the worker thread: energy accounting
         self._policy = policy
         self._queue: list[_Pending] = []
         self._ids = itertools.count(1)
@@ -408,6 +408,11 @@ class Scheduler:
                 )
             except Exception as exc:
                 result = exc
+            if self._on_batch is not None and not isinstance(result, BaseException):
+                try:  # energy accounting, here rather than on the event loop (the meter is thread-safe)
+                    self._on_batch(job.bits, int(result[0].shape[0]), result[1])
+                except Exception:
+                    log.exception("power meter failed to record a batch")
             self._loop.call_soon_threadsafe(self._finish, job, result)
 
     def _finish(self, job: _Job, result: tuple[np.ndarray, float] | BaseException) -> None:
@@ -436,9 +441,6 @@ class Scheduler:
         series.compute.observe(seconds)
         series.batch_size.observe(images)
         series.images.inc(images)
-        if self._on_batch is not None:
-            self._on_batch(bits, images, seconds)
-            self._power_cache = None
         self._track_accuracy(bits, images)
 
         done = self._loop.time() if self._loop is not None else time.monotonic()
