@@ -183,16 +183,8 @@ class Scheduler:
         self._threads = []
 
     @property
-    def closing(self) -> bool:
-        return self._closing
-
-    @property
     def queue_depth(self) -> int:
         return len(self._queue)
-
-    @property
-    def policy(self) -> Policy:
-        return self._policy
 
     def set_policy(self, policy: Policy) -> None:
         """Swap the policy between two decisions (the loop is single-threaded, so this is atomic). Queued
@@ -224,6 +216,13 @@ class Scheduler:
 
     def submit(self, images: np.ndarray, options: RequestOptions) -> asyncio.Future[Outcome]:
         """Admit a request or raise ``Refused`` at once. The future resolves with an ``Outcome`` or ``Refused``."""
+        try:
+            return self._admit(images, options)
+        except Refused as refusal:  # refused at admission: counted like a refusal from the queue
+            self._count_refusal(refusal)
+            raise
+
+    def _admit(self, images: np.ndarray, options: RequestOptions) -> asyncio.Future[Outcome]:
         assert self._loop is not None, "scheduler not started"
         if self._closing:
             raise Refused(503, "shutdown", "server is shutting down; retry on another replica", retry_after=1)
@@ -298,11 +297,14 @@ class Scheduler:
             self._refuse(pending, Refused(504, "timeout", f"deadline passed after {waited:.1f} ms in the queue"))
             self._wake.set()
 
-    def _refuse(self, pending: _Pending, refusal: Refused) -> None:
+    def _count_refusal(self, refusal: Refused) -> None:
         outcome = "timeout" if refusal.status == 504 else "rejected"
         self.metrics.requests.labels(outcome=outcome, bits="none").inc()
         if outcome == "rejected":
             self.metrics.rejections.labels(reason=refusal.reason).inc()
+
+    def _refuse(self, pending: _Pending, refusal: Refused) -> None:
+        self._count_refusal(refusal)
         if not pending.future.done():
             pending.future.set_exception(refusal)
 
@@ -508,9 +510,6 @@ class Scheduler:
         prev = self._served_accuracy
         self._served_accuracy = accuracy if prev is None else prev + weight * (accuracy - prev)
         self.metrics.served_accuracy.set(self._served_accuracy)
-
-    def info(self) -> dict[str, Any]:
-        return {"queue_depth": len(self._queue), "inflight_batches": self._inflight, "closing": self._closing}
 
 
 def _top_probability(logits: np.ndarray) -> np.ndarray:
