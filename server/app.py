@@ -648,10 +648,3 @@ async def _form_file(request: Request, body: bytes) -> bytes:
     data = await upload.read()
     await form.close()
     return data
-
-
-def app_from_env() -> FastAPI:
-    """`uvicorn server.app:app_from_env --factory`: settings from APSERVE_* variables only."""
-    from server.settings import load_settings
-
-    return create_app(load_settings())
