@@ -79,6 +79,14 @@ class LatencyProfile:
             cached = self._memo[key] = self._interpolate(bits, batch)
         return cached
 
+    @cached_property
+    def _cpu(self) -> LatencyProfile | None:
+        return LatencyProfile(table=self.cpu_seconds) if self.cpu_seconds else None
+
+    def cpu(self, bits: int, batch: int) -> float:
+        """CPU-seconds of one batch (interpolated as latency is); without CPU figures, the latency."""
+        return self._cpu.latency(bits, batch) if self._cpu is not None else self.latency(bits, batch)
+
     def _interpolate(self, bits: int, batch: int) -> float:
         sizes = self._sizes.get(bits)
         if not sizes:

@@ -37,4 +37,9 @@ class CompositePolicy:
             if cheapest is not None
             else Decision(bits=None, reason="no bits allowed for the head request")
         )
+        if cheapest is not None and not cap.accept(cheapest, head.size):  # exhausted: only refusals to decide
+            late = Planner(snapshot, self.slo.margin_ms / 1000.0).late_in_plan(snapshot.queue, snapshot.now)
+            return Decision(
+                bits=None, reason=waiting.reason, reject=tuple(r.id for r in late), wait_until=waiting.wait_until
+            )
         return self.slo.decide_within(snapshot, cap.accept, capped=waiting)

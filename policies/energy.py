@@ -32,11 +32,7 @@ class PowerModel:
 
 def cpu_seconds(profile: LatencyProfile, bits: int, batch: int) -> float:
     """Profiled CPU-seconds of one batch; without CPU figures, one busy core for the whole latency."""
-    wall = profile.latency(bits, batch)
-    if not profile.cpu_seconds:
-        return wall
-    table = LatencyProfile(table=profile.cpu_seconds)
-    return table.latency(bits, batch)
+    return profile.cpu(bits, batch)
 
 
 class EnergyWindow:

@@ -25,6 +25,7 @@ class PowerCap:
 
     headroom_j: float
     refill_w: float
+    window_s: float
     watts_per_core: float
     planner: Planner
 
@@ -35,6 +36,7 @@ class PowerCap:
         return cls(
             headroom_j=budget_w * power.window_s - power.energy_in_window_j,
             refill_w=budget_w - power.idle_w,
+            window_s=power.window_s,
             watts_per_core=wpc,
             planner=planner,
         )
@@ -49,12 +51,12 @@ class PowerCap:
         if self.refill_w <= 0:
             return Decision(bits=None, reason="power budget at or below idle power", reject=reject)
         deficit = max(self.energy(bits, images) - self.headroom_j, 0.0)
-        # at least 1 ms so a scheduler never spins on a window that refills continuously
+        # at least 1/200 of the window, so a scheduler does not spin on a window that refills continuously
         return Decision(
             bits=None,
             reason="power budget exhausted",
             reject=reject,
-            wait_until=now + max(deficit / self.refill_w, 0.001),
+            wait_until=now + max(deficit / self.refill_w, self.window_s / 200),
         )
 
 
@@ -73,12 +75,14 @@ class PowerPolicy:
         candidates = planner.candidates(head)
         if not candidates:
             return Decision(bits=None, reason="no bits allowed for the head request")
+        cheapest = planner.cheapest(head)
+        assert cheapest is not None
+        if not cap.accept(cheapest, head.size):  # exhausted: nothing can run, skip the search
+            return cap.wait(snapshot.now, cheapest, head.size)
         for bits in candidates:
             batch = planner.fill(snapshot.queue, bits)
             if cap.accept(bits, sum(r.size for r in batch)):
                 return Decision(bits=bits, requests=tuple(r.id for r in batch), reason="within budget")
-        cheapest = planner.cheapest(head)
-        assert cheapest is not None
         batch = take_fitting(planner, snapshot.queue, cheapest, cap.accept)
         if batch:
             return Decision(bits=cheapest, requests=tuple(r.id for r in batch), reason="budget-limited batch")

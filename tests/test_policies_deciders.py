@@ -1,0 +1,236 @@
+"""Every decider through its edge cases, on the stand-in profile (policies.profile.standin_profile)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from policies.base import Decision, PowerState, QueuedRequest, Snapshot
+from policies.profile import standin_profile
+from policies.registry import PolicyError, build_policy, names
+
+PROFILE = standin_profile()
+ACC = PROFILE.accuracy
+LAT = PROFILE.latency
+
+
+def req(i: int, arrival: float = 0.0, slo_ms: float | None = 50.0, **kw: object) -> QueuedRequest:
+    deadline = None if slo_ms is None else arrival + slo_ms / 1000
+    return QueuedRequest(id=i, arrival=arrival, deadline=deadline, **kw)  # type: ignore[arg-type]
+
+
+def snap(queue: list[QueuedRequest], now: float = 0.0, power: PowerState | None = None, batch: int = 32) -> Snapshot:
+    order = sorted(queue, key=lambda r: (r.priority, r.deadline if r.deadline is not None else 1e18, r.arrival))
+    return Snapshot(now=now, queue=tuple(order), profile=LAT, accuracy=ACC, max_batch_size=batch, power=power)
+
+
+def checked(decision: Decision, s: Snapshot) -> Decision:
+    """What the scheduler relies on: ids from the queue, no id both run and refused, every run request
+    allows the bits, batch within max_batch_size."""
+    ids = {r.id for r in s.queue}
+    assert set(decision.requests) <= ids and set(decision.reject) <= ids
+    assert not set(decision.requests) & set(decision.reject)
+    if decision.bits is None:
+        assert decision.requests == ()
+    else:
+        assert decision.requests, "bits chosen for no request"
+        by_id = {r.id: r for r in s.queue}
+        assert all(by_id[i].allows(decision.bits) for i in decision.requests)
+        assert sum(by_id[i].size for i in decision.requests) <= max(s.max_batch_size, by_id[decision.requests[0]].size)
+    return decision
+
+
+ALL = ["fixed-8", "fixed-1", "hint", "queue", "slo", "cascade", "power", "composite"]
+OPTIONS = {"cascade": {"threshold": 0.7}, "power": {"budget_w": 15.0}, "composite": {"budget_w": 15.0}}
+
+
+def build(name: str, **extra: object):  # type: ignore[no-untyped-def]
+    return build_policy(name, {**OPTIONS.get(name, {}), **extra})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_queue_runs_nothing(name: str) -> None:
+    decision = build(name).decide(snap([]))
+    assert decision.bits is None and decision.requests == () and decision.reject == ()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_all_strict_requests_get_exactly_their_bits(name: str) -> None:
+    queue = [req(i, preferred_bits=b, strict=True) for i, b in enumerate((3, 3, 32, 3))]
+    s = snap(queue)
+    decision = checked(build(name).decide(s), s)
+    if name.startswith("fixed"):  # fixed-K serves only requests allowing K: none here
+        assert decision.bits is None
+    else:  # 3 bits is not on the Pareto front, yet a strict hint gets it
+        assert decision.bits == 3 and set(decision.requests) == {0, 1, 3}
+
+
+@pytest.mark.parametrize("name", ["slo", "composite"])
+def test_impossible_deadlines_are_refused_not_served(name: str) -> None:
+    # 0.1 ms left: not even 1 bit (0.6 ms) makes it; request 2 has plenty of time
+    queue = [req(0, slo_ms=0.1), req(1, slo_ms=0.1, preferred_bits=8, strict=True), req(2, slo_ms=50)]
+    s = snap(queue)
+    decision = checked(build(name, margin_ms=0.0).decide(s), s)
+    assert set(decision.reject) == {0, 1}
+    assert decision.requests == (2,)
+
+
+def test_slo_picks_the_most_accurate_bits_that_fit() -> None:
+    s = snap([req(0, slo_ms=50)])
+    assert checked(build("slo").decide(s), s).bits == 32  # fp32: the most accurate, 3.5 ms fits
+    tight = snap([req(0, slo_ms=2.5 + 2.0)])  # 2.5 ms after the 2 ms margin: fp32 (3.5) no, 8 bits (1.9) yes
+    assert checked(build("slo").decide(tight), tight).bits in (5, 6, 7, 8)  # accuracy ties: the fewest bits
+    assert build("slo").decide(tight).bits == 5
+
+
+def test_slo_moves_down_under_load_and_keeps_every_deadline_it_can() -> None:
+    queue = [req(i, arrival=0.0, slo_ms=40) for i in range(100)]
+    s = snap(queue, now=0.0)
+    decision = checked(build("slo").decide(s), s)
+    # 100 images in 38 ms (40 less the margin): only 1 bit in full batches (11.5 ms each) keeps up
+    assert decision.bits == 1 and decision.requests == tuple(range(32)) and decision.reject == ()
+    # 120 do not fit even so: 3 full batches (34.6 ms) + 9 more (3.2 ms) do; the other 15 are refused now
+    s = snap([req(i, arrival=0.0, slo_ms=40) for i in range(120)], now=0.0)
+    decision = checked(build("slo").decide(s), s)
+    assert decision.bits == 1 and decision.reject == tuple(range(105, 120))
+
+
+def test_slo_best_effort_hint_is_an_upper_wish() -> None:
+    s = snap([req(0, preferred_bits=2)])
+    assert checked(build("slo").decide(s), s).bits == 2  # fits: served as hinted, not upgraded to fp32
+
+
+def test_slo_latest_start_timer_holds_a_short_queue_only_until_it_must_start() -> None:
+    policy = build("slo", target_batch=8, hold_ms=5)
+    s = snap([req(0, arrival=0.0, slo_ms=50)], now=0.001)
+    decision = checked(policy.decide(s), s)
+    assert decision.bits is None and decision.wait_until == pytest.approx(0.005)
+    # 12 ms left: holding for a full batch at fp32 would miss, so the latest start is already behind us
+    late = snap([req(0, arrival=0.0, slo_ms=14)], now=0.001)
+    assert checked(policy.decide(late), late).bits is not None
+    # a full batch never waits
+    full = snap([req(i, arrival=0.0) for i in range(8)], now=0.001)
+    assert checked(policy.decide(full), full).bits is not None
+
+
+def test_mixed_priorities_serve_the_highest_first() -> None:
+    queue = [req(0, priority=2, slo_ms=10), req(1, priority=1, slo_ms=40, max_bits=8)]
+    s = snap(queue, batch=1)
+    for name in ("hint", "slo", "queue", "fixed-8"):
+        decision = checked(build(name).decide(s), s)
+        assert decision.requests == (1,), name
+    # the low-priority request still fits after the high one: slo does not refuse it
+    assert build("slo").decide(s).reject == ()
+
+
+def test_queue_policy_steps_down_and_back_with_hysteresis() -> None:
+    policy = build("queue", levels=[[0, 8], [10, 2], [20, 1]], hysteresis=4)
+    seen = []
+    for depth in (1, 10, 20, 17, 15, 9, 5, 1):
+        s = snap([req(i) for i in range(depth)])
+        seen.append(checked(policy.decide(s), s).bits)
+    assert seen == [5, 2, 1, 1, 2, 2, 5, 5]  # 5..8 bits tie on the stand-in (same cost and accuracy): fewest
+
+
+def test_queue_policy_maps_non_pareto_levels_to_pareto_bits() -> None:
+    s = snap([req(0)])
+    assert build("queue", levels=[[0, 3]], hysteresis=0).decide(s).bits == 5  # 3 is dominated by 5 (same cost)
+
+
+def test_power_policy_most_accurate_within_budget() -> None:
+    idle = PowerState(budget_w=15.0, window_s=1.0, energy_in_window_j=5.0, idle_w=5.0, watts_per_core=10.0)
+    s = snap([req(0)], power=idle)
+    assert checked(build("power").decide(s), s).bits == 32  # 10 J of headroom: fp32 costs 70 mJ
+
+
+def test_power_policy_budget_exhausted_waits_for_the_window_to_refill() -> None:
+    spent = PowerState(budget_w=15.0, window_s=1.0, energy_in_window_j=15.0, idle_w=5.0, watts_per_core=10.0)
+    s = snap([req(0)], now=3.0, power=spent)
+    decision = checked(build("power").decide(s), s)
+    assert decision.bits is None and decision.wait_until is not None and decision.wait_until > 3.0
+    # almost exhausted: only the cheapest bits fit, and only a part of the queue
+    nearly = dataclasses.replace(spent, energy_in_window_j=15.0 - 0.05)
+    s = snap([req(i) for i in range(32)], power=nearly)
+    decision = checked(build("power").decide(s), s)
+    assert decision.bits == 1 and 0 < len(decision.requests) < 32
+
+
+def test_power_budget_below_idle_never_runs() -> None:
+    state = PowerState(budget_w=4.0, window_s=1.0, energy_in_window_j=5.0, idle_w=5.0, watts_per_core=10.0)
+    decision = build("power", budget_w=4.0).decide(snap([req(0)], power=state))
+    assert decision.bits is None and "idle" in decision.reason
+
+
+def test_composite_caps_by_power_then_chooses_by_slack() -> None:
+    nearly = PowerState(budget_w=15.0, window_s=1.0, energy_in_window_j=15.0 - 0.02, idle_w=5.0, watts_per_core=10.0)
+    s = snap([req(0)], power=nearly)
+    decision = checked(build("composite").decide(s), s)
+    assert decision.bits in (1,)  # 20 mJ: fp32 (70 mJ), 8 bits (38 mJ), 2 bits (30 mJ) do not fit
+    exhausted = dataclasses.replace(nearly, energy_in_window_j=16.0)
+    decision = checked(build("composite").decide(snap([req(0)], power=exhausted)), s)
+    assert decision.bits is None and decision.wait_until is not None
+    no_budget = build_policy("composite", {})
+    assert no_budget.decide(s).bits == 32
+
+
+def test_cascade_runs_low_and_escalates_auto_requests_only() -> None:
+    queue = [req(0), req(1), req(2, preferred_bits=4)]
+    s = snap(queue)
+    decision = checked(build("cascade").decide(s), s)
+    assert decision.bits == 1 and set(decision.requests) == {0, 1}
+    assert decision.escalate_below == 0.7 and decision.escalate_to == 8
+    hinted = snap([req(2, preferred_bits=4)])
+    decision = checked(build("cascade").decide(hinted), hinted)
+    assert decision.bits == 4 and decision.escalate_to is None
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("slo", {"hold_ms": -1}, "hold_ms"),
+        ("slo", {"speed": 1}, "unknown settings ['speed']"),
+        ("power", {}, "'budget_w' is required"),
+        ("power", {"budget_w": "lots"}, "budget_w must be a number"),
+        ("cascade", {"threshold": 1.5}, "threshold"),
+        ("cascade", {"threshold": 0.5, "low_bits": 8, "high_bits": 2}, "must be below"),
+        ("cascade", {"threshold": 0.5, "low_bits": 9}, "low_bits must be one of"),
+        ("queue", {"levels": [[5, 8]]}, "depth 0"),
+        ("queue", {"levels": [[0, 8], [0, 1]]}, "increase"),
+        ("queue", {"levels": [[0, 8], [4, 1]], "hysteresis": 4}, "hysteresis"),
+        ("queue", {"levels": [[0, 9]]}, "each level"),
+        ("composite", {"budget_w": 0}, "budget_w"),
+        ("fixed-8", {"x": 1}, "takes no settings"),
+        ("fixed-9", {}, "unknown policy"),
+    ],
+)
+def test_invalid_settings_are_refused_with_the_name(name: str, options: dict, message: str) -> None:
+    with pytest.raises(PolicyError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        build_policy(name, options)
+
+
+def test_every_documented_name_is_registered() -> None:
+    for name in ("fixed-1", "fixed-8", "fixed-32", "hint", "queue", "slo", "power", "cascade", "composite"):
+        assert name in names()
+
+
+def test_policies_import_only_numpy_and_the_stdlib() -> None:
+    """The arrow of ARCHITECTURE.md: policies never import torch, onnxruntime, FastAPI or another room."""
+    import sys
+
+    allowed = set(sys.stdlib_module_names) | {"numpy", "policies"}
+    for path in sorted(Path("policies").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            assert set(roots) <= allowed, f"{path} imports {roots}"
+        source = path.read_text()
+        for clock in ("time.time(", "time.monotonic(", "perf_counter(", "datetime.now("):
+            assert clock not in source, f"{path} reads the clock ({clock})"

@@ -1,0 +1,178 @@
+"""The discrete-event simulator and the traces: determinism, the spike behaviour of the policies on the
+stand-in profile (slowed 10x, SLO 10x, so a test simulates thousands of requests, not hundreds of
+thousands), the power cap, CSV traces and the `apserve simulate` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from policies.profile import parse_profile, standin_document
+from policies.registry import build_policy
+from policies.simulator import CascadeOutcome, SimConfig, fixed8_capacity, max_window_power, simulate
+from policies.traces import TraceError, generate, read_csv
+
+SLOW = 10.0
+
+
+def slow_profile():  # type: ignore[no-untyped-def]
+    doc = standin_document()
+    for row in doc["rows"]:
+        row["ms_median"] *= SLOW
+        row["cpu_ms"] *= SLOW
+    return parse_profile(doc, "stand-in x10")
+
+
+PROFILE = slow_profile()
+CONFIG = SimConfig(slo_ms=50 * SLOW, window_s=1.0 * SLOW)
+CAPACITY = fixed8_capacity(PROFILE, CONFIG.max_batch_size)
+
+
+def run(policy: str, trace, config: SimConfig = CONFIG, **options: object):  # type: ignore[no-untyped-def]
+    return simulate(lambda: build_policy(policy, options), trace, PROFILE, config)
+
+
+@pytest.fixture(scope="module")
+def spike():  # type: ignore[no-untyped-def]
+    return generate("spike", CAPACITY, seed=1)  # 300 s, 3x for 30 s from 60 s
+
+
+def test_same_seed_same_result_other_seed_other_trace(spike) -> None:  # type: ignore[no-untyped-def]
+    short = generate("poisson", CAPACITY, seed=3, duration=60.0, load=1.5)
+    a, b = run("slo", short).as_dict(), run("slo", short).as_dict()
+    assert a == b
+    assert generate("poisson", CAPACITY, seed=4, duration=60.0).arrivals != short.arrivals
+
+
+def test_spike_slo_keeps_deadlines_fixed8_does_not(spike) -> None:  # type: ignore[no-untyped-def]
+    fixed = run("fixed-8", spike)
+    slo = run("slo", spike)
+    assert fixed.slo_attainment < 0.70
+    assert slo.slo_attainment >= 0.99
+    assert slo.p99_ms <= CONFIG.slo_ms
+    acc8 = PROFILE.accuracy[8]
+    assert slo.served_accuracy >= acc8 - 0.015, slo.as_dict()
+    assert set(slo.bits_served) > {"1"}  # it moved down for the spike and back up after
+
+
+def test_power_policy_holds_the_budget_at_all_times() -> None:
+    spike = generate("step", CAPACITY, seed=1, duration=120.0)  # 0.5x, then 1.5x for the second half
+    budget = 15.0  # idle 5 W + one of the two cores' worth: fixed-8 draws up to 25 W under the load
+    config = SimConfig(slo_ms=CONFIG.slo_ms, window_s=CONFIG.window_s, budget_w=budget)
+    fixed = run("fixed-8", spike, config)
+    power = run("power", spike, config, budget_w=budget)
+    assert fixed.max_window_power_w > budget * 1.2
+    assert power.max_window_power_w <= budget * 1.05
+    composite = run("composite", spike, config, budget_w=budget)
+    assert composite.max_window_power_w <= budget * 1.05
+
+
+def test_cascade_saves_energy_at_the_accuracy_of_8_bits() -> None:
+    trace = generate("poisson", CAPACITY, seed=2, duration=60.0, load=0.5)
+    outcome = CascadeOutcome(escalated_fraction=0.2, accuracy_kept=0.955, accuracy_escalated=0.83)
+    config = SimConfig(slo_ms=CONFIG.slo_ms, window_s=CONFIG.window_s, cascade=outcome)
+    fixed = run("fixed-8", trace, config)
+    cascade = run("cascade", trace, config, threshold=0.8)
+    assert cascade.escalated == pytest.approx(0.2 * cascade.served, rel=0.1)
+    assert cascade.served_accuracy == pytest.approx(0.8 * 0.955 + 0.2 * 0.83, abs=0.005)
+    assert cascade.busy_energy_j < 0.7 * fixed.busy_energy_j
+
+
+def test_replicas_share_the_load(spike) -> None:  # type: ignore[no-untyped-def]
+    trace = generate("poisson", CAPACITY, seed=5, duration=60.0, load=1.6)
+    one = run("fixed-8", trace)
+    two = run("fixed-8", trace, SimConfig(slo_ms=CONFIG.slo_ms, window_s=CONFIG.window_s, replicas=2))
+    assert one.slo_attainment < 0.9 and two.slo_attainment > 0.99
+
+
+def test_max_window_power_is_exact_on_known_segments() -> None:
+    # two 10 J batches of 1 s, 0.5 s apart: the worst 1 s window holds 10 J
+    assert max_window_power([(0.0, 1.0, 10.0), (1.5, 2.5, 10.0)], 1.0, 5.0) == pytest.approx(15.0)
+    # a 2 s window sees both batches at once
+    assert max_window_power([(0.0, 1.0, 10.0), (1.5, 2.5, 10.0)], 2.0, 5.0) == pytest.approx(5.0 + 15.0 / 2)
+
+
+def test_generated_traces_have_the_documented_rates() -> None:
+    spike = generate("spike", 100.0, seed=0, duration=300.0)
+    times = [a.time for a in spike.arrivals]
+    inside = sum(60 <= t < 90 for t in times) / 30
+    outside = sum(t < 60 for t in times) / 60
+    assert inside == pytest.approx(300, rel=0.1) and outside == pytest.approx(50, rel=0.1)
+    for name in ("poisson", "step", "diurnal"):
+        assert len(generate(name, 100.0, seed=0).arrivals) > 1000
+    with pytest.raises(TraceError, match="unknown trace 'burst'"):
+        generate("burst", 100.0)
+
+
+def test_csv_trace(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("arrival_s,slo_ms,precision,precision_policy\n0.0,,auto,\n0.5,200,4,strict\n0.5,,8,best_effort\n")
+    trace = read_csv(path)
+    assert [(a.time, a.slo_ms, a.precision, a.strict) for a in trace.arrivals] == [
+        (0.0, None, None, False),
+        (0.5, 200.0, 4, True),
+        (0.5, None, 8, False),
+    ]
+    result = run("slo", trace)
+    assert result.bits_served.get("4") == 1 and result.slo_attainment == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("time\n1\n", "'arrival_s' column"),
+        ("", "'arrival_s' column"),
+        ("arrival_s,colour\n1,red\n", r"unknown columns \['colour'\]"),
+        ("arrival_s\nsoon\n", "line 2: arrival_s 'soon' is not a number"),
+        ("arrival_s\n-1\n", "line 2: arrival_s must be a finite time >= 0"),
+        ("arrival_s\n2\n1\n", "line 3: arrival_s 1 is earlier than the previous row"),
+        ("arrival_s,slo_ms\n1,0\n", "line 2: slo_ms must be a positive number"),
+        ("arrival_s,precision\n1,9\n", "line 2: precision '9' must be one of"),
+        ("arrival_s,precision_policy\n1,always\n", "precision_policy must be"),
+        ("arrival_s,precision_policy\n1,strict\n", "strict precision_policy needs a precision"),
+        ("arrival_s\n", "no arrivals"),
+    ],
+)
+def test_csv_trace_errors_name_the_line_and_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(TraceError, match=message):
+        read_csv(path)
+    with pytest.raises(TraceError, match="cannot read"):
+        read_csv(tmp_path / "absent.csv")
+
+
+def apserve(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("apserve")
+    return subprocess.run([str(exe), "simulate", *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_simulate_command_json_contract() -> None:
+    done = apserve("--trace", "poisson", "--duration", "5", "--policy", "slo", "--profile", "synthetic", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for key in ("policy", "trace", "requests", "slo_attainment", "served_accuracy", "p50_ms", "p99_ms"):
+        assert key in out
+    for key in ("rejected", "energy_j", "max_window_power_w"):
+        assert key in out
+    assert out["policy"] == "slo" and out["trace"] == "poisson" and out["requests"] > 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "power"], "'budget_w' is required"),
+        (["--policy", "cascade"], "needs --cascade-calibration"),
+        (["--policy", "slo", "--policy-options", "{"], "not valid JSON"),
+        (["--policy", "fastest"], "unknown policy 'fastest'"),
+        (["--policy", "slo", "--trace", "nowhere.csv"], "cannot read the trace"),
+        (["--policy", "slo", "--replicas", "0"], "replicas must be >= 1"),
+    ],
+)
+def test_simulate_command_errors(args: list[str], message: str) -> None:
+    done = apserve("--profile", "synthetic", "--duration", "1", *args)
+    assert done.returncode == 2 and message in done.stderr and not done.stdout
