@@ -67,7 +67,12 @@ def test_source_choice(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kw", "message"),
-    [({"source": "gas"}, "source"), ({"window_s": 0}, "window_s"), ({"budget_w": -1}, "budget_w"), ({"idle_w": -1}, "idle_w")],
+    [
+        ({"source": "gas"}, "source"),
+        ({"window_s": 0}, "window_s"),
+        ({"budget_w": -1}, "budget_w"),
+        ({"idle_w": -1}, "idle_w"),
+    ],
 )
 def test_invalid_power_settings(kw: dict, message: str) -> None:
     with pytest.raises(PowerError, match=message):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from policies.base import LatencyProfile
-from policies.profile import ProfileError, load_profile, parse_profile, pareto_bits, standin_document
+from policies.profile import ProfileError, load_profile, pareto_bits, parse_profile, standin_document
 
 
 def write(tmp_path: Path, doc: object) -> Path:
