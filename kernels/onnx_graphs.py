@@ -9,7 +9,8 @@
   exact); for k = 8 the weights are the uint8 codes with zero point 128 and one extra all-ones column
   (code 129) gives the per-pixel activation sum for the +1/2 of the mid-rise level:
   I = 2 * sum((c - 128) a) + sum(a). Everything float around the integer convs (stem, BN, requantization,
-  residual, head) is float64 in the order the reference computes it, so the codes are the reference's.
+  residual, head) is float64; BN, the conv scale and the requantizer fold into one multiply-add, which
+  differs from the reference's float64 only in the last bits (the profiler checks agreement).
 """
 
 from __future__ import annotations
@@ -145,15 +146,14 @@ def int8_graph(artifact: Artifact, bits: int) -> onnx.ModelProto:
     layers = artifact.architecture
     f64 = np.float64
 
-    def bn(t: str, name: str) -> str:
+    def codes(t: str, name: str, pre: np.ndarray | float = 1.0) -> str:
+        """uint8 codes floor(clip(bn(pre * t), 0, 1) * n + 0.5), folded into one multiply-add in float64:
+        clip(z * n + 0.5, 0.5, n + 0.5) with z * n + 0.5 = t * (pre * scale * n) + (shift * n + 0.5)."""
         gamma, beta, mean, var = (p.astype(f64) for p in artifact.bn_params(name, bits))
-        denom = np.sqrt(var + f64(artifact.bn_eps))
-        t = g.op("Div", [g.op("Sub", [t, g.const(mean)]), g.const(denom)])
-        return g.op("Add", [g.op("Mul", [t, g.const(gamma)]), g.const(beta)])
-
-    def codes(t: str) -> str:
-        t = g.op("Clip", [t, g.const(np.array(0.0)), g.const(np.array(1.0))])
-        t = g.op("Floor", [g.op("Add", [g.op("Mul", [t, g.const(np.array(n))]), g.const(np.array(0.5))])])
+        scale = gamma / np.sqrt(var + f64(artifact.bn_eps))
+        shift = beta - mean * scale
+        t = g.op("Add", [g.op("Mul", [t, g.const(pre * scale * n)]), g.const(shift * n + 0.5)])
+        t = g.op("Floor", [g.op("Clip", [t, g.const(np.array(0.5)), g.const(np.array(n + 0.5))])])
         return g.op("Cast", [t], to=TensorProto.UINT8)
 
     def qconv(a: str, conv: str, cin: int, size: int, stride: int) -> str:
@@ -189,14 +189,17 @@ def int8_graph(artifact: Artifact, bits: int) -> onnx.ModelProto:
             cin, cout, stride = layer["in"], layer["out"], layer["stride"]
             scale1 = artifact.tensors[f"{name}.conv1.scales"][bits - 1].astype(f64) / ((n + 1) * n)
             scale2 = artifact.tensors[f"{name}.conv2.scales"][bits - 1].astype(f64) / ((n + 1) * n)
-            h = qconv(codes(bn(x, f"{name}.bn1")), f"{name}.conv1", cin, size, stride)
+            h = qconv(codes(x, f"{name}.bn1"), f"{name}.conv1", cin, size, stride)
             out_size = (size - 1) // stride + 1
-            h = codes(bn(g.op("Mul", [h, g.const(scale1)]), f"{name}.bn2"))
+            h = codes(h, f"{name}.bn2", scale1)
             h = g.op("Mul", [qconv(h, f"{name}.conv2", cout, out_size, 1), g.const(scale2)])
             x = g.op("Add", [_shortcut(g, x, cin, cout, stride, channel_axis=3), h])
             size = out_size
         else:
-            t = g.op("Relu", [bn(x, f"{name}.bn")])
+            gamma, beta, mean, var = (p.astype(f64) for p in artifact.bn_params(f"{name}.bn", bits))
+            denom = np.sqrt(var + f64(artifact.bn_eps))
+            t = g.op("Div", [g.op("Sub", [x, g.const(mean)]), g.const(denom)])
+            t = g.op("Relu", [g.op("Add", [g.op("Mul", [t, g.const(gamma)]), g.const(beta)])])
             t = g.op("ReduceMean", [t], axes=[1, 2], keepdims=0)
             fc_w = np.ascontiguousarray(artifact.tensors[f"{name}.fc.weight"].astype(f64).T)
             t = g.op(
