@@ -27,6 +27,7 @@ from model_store.artifact import Artifact
 FP32 = 32
 ORT_FP32 = "onnxruntime-fp32"
 ORT_INT8 = "onnxruntime-int8"
+ORT_FP32_CODES = "onnxruntime-fp32-codes"
 REFERENCE = "reference"
 NATIVE_PREFIX = "native"
 
@@ -48,7 +49,7 @@ def backends_for(bits: int) -> list[str]:
     if bits == FP32:
         return [ORT_FP32]
     native = [f"{NATIVE_PREFIX}-{p}" for p in bitserial.available_paths()]
-    return ([ORT_INT8] if bits >= 3 else []) + native
+    return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + native
 
 
 def as_images(batch: np.ndarray) -> np.ndarray:
@@ -148,6 +149,11 @@ def build_runner(artifact: Artifact, bits: int, backend: str, threads: int) -> t
 
         session = _session(onnx_graphs.int8_graph(artifact, bits).SerializeToString(), threads)
         return ORT_INT8, lambda x: session.run(None, {"image": _float64_nhwc(x)})[0]
+    if backend == ORT_FP32_CODES:
+        from kernels import onnx_graphs
+
+        session = _session(onnx_graphs.fp32_codes_graph(artifact, bits).SerializeToString(), threads)
+        return ORT_FP32_CODES, lambda x: session.run(None, {"image": _float64_nhwc(x)})[0]
     raise ValueError(f"unknown backend {backend!r} for bits {bits}")
 
 

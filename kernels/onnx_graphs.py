@@ -208,3 +208,76 @@ def int8_graph(artifact: Artifact, bits: int) -> onnx.ModelProto:
             x = g.op("Cast", [t], to=TensorProto.FLOAT)
     inp = helper.make_tensor_value_info("image", TensorProto.DOUBLE, ["batch", 28, 28, 1])
     return g.model(inp, x, TensorProto.FLOAT, ["batch", layers[-1]["out"]])
+
+
+def fp32_codes_graph(artifact: Artifact, bits: int) -> onnx.ModelProto:
+    """Any k in 1..8 on onnxruntime's fp32 convs, still exact: the activations are the integer codes and
+    the weights the integer mid-rise levels 2c + 1 - 2^k, both held exactly in float32, and every partial
+    sum of the conv stays below 2^24 in magnitude for k <= 6 (|I| <= 9 cin n^2), so the fp32 conv returns
+    the exact integer I. For k = 7, 8 only an adversarial input reaches 2^24; the profiler checks agreement.
+    Where int8 dot products are not faster than fp32 FMA (CPUs without VNNI) this beats the int8 graph.
+    Layout NCHW; the stem, BN, requantization, residual and head are float64 as in ``int8_graph``."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"the fp32-codes graph serves 1..8 bits, not {bits}")
+    g = _Graph()
+    n = float((1 << bits) - 1)
+    f64 = np.float64
+
+    def folded(name: str) -> tuple[np.ndarray, np.ndarray]:
+        gamma, beta, mean, var = (p.astype(f64) for p in artifact.bn_params(name, bits))
+        scale = gamma / np.sqrt(var + f64(artifact.bn_eps))
+        return scale, beta - mean * scale
+
+    def codes(t: str, name: str, pre: np.ndarray | float = 1.0) -> str:
+        scale, shift = folded(name)
+        c = scale.shape[0]
+        t = g.op(
+            "Add",
+            [
+                g.op("Mul", [t, g.const((pre * scale * n).reshape(1, c, 1, 1))]),
+                g.const((shift * n + 0.5).reshape(1, c, 1, 1)),
+            ],
+        )
+        t = g.op("Floor", [g.op("Clip", [t, g.const(np.array(0.5)), g.const(np.array(n + 0.5))])])
+        return g.op("Cast", [t], to=TensorProto.FLOAT)
+
+    def qconv(a: str, conv: str, cin: int, stride: int) -> str:
+        c = unpack_codes(artifact.tensors[f"{conv}.planes"], bits, 9 * cin).astype(np.float32)  # [cout, K]
+        levels = 2 * c + 1 - (1 << bits)
+        w = np.ascontiguousarray(levels.reshape(-1, 3, 3, cin).transpose(0, 3, 1, 2))
+        t = g.op("Conv", [a, g.const(w, "wq")], pads=[1, 1, 1, 1], strides=[stride, stride])
+        return g.op("Cast", [t], to=TensorProto.DOUBLE)
+
+    x, size = "image", 28
+    for layer in artifact.architecture:
+        name = layer["name"]
+        if layer["type"] == "stem":
+            kk = layer["kernel"]
+            w = artifact.tensors[f"{name}.weight"].astype(f64)
+            wk = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1).T)
+            x = g.op("MatMul", [_im2col_nhwc(g, x, size, kk, 1), g.const(wk, "stem_w")])
+            x = g.op("Transpose", [x], perm=[0, 3, 1, 2])
+        elif layer["type"] == "preact_block":
+            cin, cout, stride = layer["in"], layer["out"], layer["stride"]
+            scale1 = artifact.tensors[f"{name}.conv1.scales"][bits - 1].astype(f64) / ((n + 1) * n)
+            scale2 = artifact.tensors[f"{name}.conv2.scales"][bits - 1].astype(f64) / ((n + 1) * n)
+            h = qconv(codes(x, f"{name}.bn1"), f"{name}.conv1", cin, stride)
+            h = codes(h, f"{name}.bn2", scale1)
+            h = g.op("Mul", [qconv(h, f"{name}.conv2", cout, 1), g.const(scale2.reshape(1, cout, 1, 1))])
+            x = g.op("Add", [_shortcut(g, x, cin, cout, stride, channel_axis=1), h])
+            size = (size - 1) // stride + 1
+        else:
+            gamma, beta, mean, var = (
+                p.astype(f64).reshape(1, -1, 1, 1) for p in artifact.bn_params(f"{name}.bn", bits)
+            )
+            denom = np.sqrt(var + f64(artifact.bn_eps))
+            t = g.op("Div", [g.op("Sub", [x, g.const(mean)]), g.const(denom)])
+            t = g.op("Relu", [g.op("Add", [g.op("Mul", [t, g.const(gamma)]), g.const(beta)])])
+            t = g.op("ReduceMean", [t], axes=[2, 3], keepdims=0)
+            fc_w = np.ascontiguousarray(artifact.tensors[f"{name}.fc.weight"].astype(f64).T)
+            t = g.op(
+                "Add", [g.op("MatMul", [t, g.const(fc_w)]), g.const(artifact.tensors[f"{name}.fc.bias"].astype(f64))]
+            )
+            x = g.op("Cast", [t], to=TensorProto.FLOAT)
+    inp = helper.make_tensor_value_info("image", TensorProto.DOUBLE, ["batch", 28, 28, 1])
+    return g.model(inp, x, TensorProto.FLOAT, ["batch", artifact.architecture[-1]["out"]])

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kernels import bitserial
-from kernels.engine import FP32, ORT_FP32, ORT_INT8, build_runner
+from kernels.engine import FP32, ORT_FP32, ORT_FP32_CODES, ORT_INT8, build_runner
 from kernels.reference import ReferenceEngine
 from model_store import fashion_mnist
 from model_store.artifact import Artifact
@@ -71,7 +71,7 @@ def candidates(bits: int) -> list[str]:
     paths = bitserial.available_paths()
     simd = [p for p in paths if p != "scalar"] or ["scalar"]
     native = [f"native-{p}" for p in simd] if bits <= NATIVE_MAX_BITS else []
-    return ([ORT_INT8] if bits >= 3 else []) + native
+    return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + native
 
 
 def time_runs(

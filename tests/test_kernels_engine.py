@@ -43,7 +43,8 @@ def test_default_backends_agree_with_reference(bundled, reference, images, bits)
 
 
 @pytest.mark.parametrize(
-    ("bits", "backend"), [(2, "onnxruntime-int8"), (4, "native"), (8, "native"), (3, "native-scalar")]
+    ("bits", "backend"),
+    [(2, "onnxruntime-int8"), (4, "native"), (8, "native"), (3, "native-scalar"), (6, "onnxruntime-fp32-codes")],
 )
 def test_non_default_backends_agree(bundled, reference, images, bits, backend):
     if backend == "onnxruntime-int8" and bits < 3:
