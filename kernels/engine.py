@@ -165,6 +165,10 @@ def _session(model: bytes, threads: int):  # -> onnxruntime.InferenceSession
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No per-session arena: with one session per bits, each arena would keep its own peak of
+    # intermediates (tens of MB at batch 64) for good; freed buffers go back to malloc instead.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     # no busy-waiting between batches: the server's event loop shares these cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
