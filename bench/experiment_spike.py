@@ -31,10 +31,31 @@ from loadtest.runner import LoadtestOptions, Server, run  # noqa: E402
 from loadtest.shapes import arrivals, build_shape, write_trace  # noqa: E402
 
 SERVER_CPU, LOAD_CPU = "0", "1"
+IDLE_W = 5.0  # the server's power model default (APSERVE_POWER_IDLE_W)
 
 
-def server_env(slo_ms: float) -> dict[str, str]:
-    return {"APSERVE_ENGINE_THREADS": "1", "APSERVE_WORKERS": "1", "APSERVE_SLO_MS": f"{slo_ms:g}"}
+def server_env(slo_ms: float, profile: Path | None) -> dict[str, str]:
+    env = {"APSERVE_ENGINE_THREADS": "1", "APSERVE_WORKERS": "1", "APSERVE_SLO_MS": f"{slo_ms:g}"}
+    if profile is not None:
+        env["APSERVE_PROFILE_PATH"] = str(profile)
+    return env
+
+
+def make_profile(path: Path) -> None:
+    """Latency per (bits, batch) with one thread on the server's core: what the policies plan with."""
+    cmd = ["taskset", "-c", SERVER_CPU, str(Path(sys.executable).with_name("apserve")), "profile", "--threads", "1"]
+    cmd += ["--batches", "1,2,4,8,16,32", "--check-images", "200", "--out", str(path)]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    chosen_backend_rows(path)
+
+
+def chosen_backend_rows(path: Path) -> None:
+    """Keep the rows of the backend chosen per bits: the profiler lists every backend it tried, the
+    server's parser takes one row per (bits, batch)."""
+    profile = json.loads(path.read_text())
+    chosen = profile["backends"]
+    profile["rows"] = [r for r in profile["rows"] if chosen.get(str(r["bits"])) == r["backend"]]
+    path.write_text(json.dumps(profile, indent=1))
 
 
 def closed_loop(out: Path, policy: str, seconds: float, users: int, **kw: Any) -> dict[str, Any]:
@@ -55,9 +76,11 @@ def closed_loop(out: Path, policy: str, seconds: float, users: int, **kw: Any) -
     return run(opts, progress=False)
 
 
-def simulate(trace: Path, policy: str, slo_ms: float, options: dict[str, Any]) -> dict[str, Any]:
+def simulate(trace: Path, policy: str, slo_ms: float, options: dict[str, Any], profile: Path | None) -> dict[str, Any]:
     cmd = [str(Path(sys.executable).with_name("apserve")), "simulate", "--trace", str(trace), "--policy", policy]
     cmd += ["--slo-ms", f"{slo_ms:g}", "--json"]
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
     if options:
         cmd += ["--policy-options", json.dumps(options)]
     try:
@@ -129,15 +152,29 @@ def main() -> int:
     ap.add_argument("--slo-ms", type=float, default=50.0)
     ap.add_argument("--policies", default="fixed-8,fixed-1,slo,power")
     ap.add_argument("--capacity", type=float, default=None, help="fixed-8 capacity, requests/s (default: measure)")
-    ap.add_argument("--power-budget", type=float, default=None, help="watts (default: 60 %% of fixed-8's draw)")
+    ap.add_argument(
+        "--power-budget", type=float, default=None, help="watts (default: idle + 60 %% of fixed-8's draw above idle)"
+    )
     ap.add_argument("--overhead-s", type=float, default=10.0, help="seconds per /metrics overhead run (0: skip)")
+    ap.add_argument("--profile", type=Path, default=None, help="profile JSON for server and simulator")
+    ap.add_argument("--make-profile", action="store_true", help="profile 1 thread on the server core first")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "experiment_spike")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    env = server_env(args.slo_ms)
     started = time.time()
+    profile = args.profile
+    if profile is not None:
+        chosen = args.work / "profile.json"
+        chosen.write_text(profile.read_text())
+        chosen_backend_rows(chosen)
+        profile = chosen
+    if args.make_profile:
+        profile = args.work / "profile-1thread.json"
+        print(f"profiling into {profile}", file=sys.stderr)
+        make_profile(profile)
+    env = server_env(args.slo_ms, profile)
 
     capacity = args.capacity
     if capacity is None:
@@ -157,8 +194,9 @@ def main() -> int:
         options: dict[str, Any] = {}
         if policy == "power":
             if budget is None:
+                # idle + 60 % of what fixed-8 drew above idle at its peak: a budget that binds in the spike
                 drawn = results.get("fixed-8", {}).get("max_power_w")
-                budget = round(0.6 * drawn, 2) if drawn else 10.0
+                budget = round(IDLE_W + 0.6 * (drawn - IDLE_W), 2) if drawn and drawn > IDLE_W else IDLE_W + 5.0
             options = {"budget_w": budget}
         opts = LoadtestOptions(
             shape="spike",
@@ -176,7 +214,7 @@ def main() -> int:
         )
         print(f"{policy}: {args.duration:g} s spike", file=sys.stderr)
         results[policy] = run(opts, progress=False)
-        sims[policy] = simulate(trace, policy, args.slo_ms, options)
+        sims[policy] = simulate(trace, policy, args.slo_ms, options, profile)
 
     overhead = None
     if args.overhead_s > 0:
@@ -204,6 +242,7 @@ def main() -> int:
         "duration_s": args.duration,
         "slo_ms": args.slo_ms,
         "power_budget_w": budget,
+        "profile": str(profile) if profile else "the server's default",
         "pinning": {"server": f"taskset -c {SERVER_CPU}, 1 engine thread", "locust": f"taskset -c {LOAD_CPU}"},
         "http": {p: {k: v for k, v in r.items() if k != "timeseries"} for p, r in results.items()},
         "simulated": sims,
