@@ -196,7 +196,9 @@ def test_counters_follow_the_traffic(stack: Stack) -> None:
         return {s["metric"]["bits"] for s in stack.vector('apserve_requests_total{outcome="ok"} > 0')}
 
     assert wait_for("ok requests at 1 and 8 bits", lambda: bits_served() >= {"1", "8"}) is True
-    invalid = wait_for("invalid requests counted", lambda: stack.vector('apserve_requests_total{outcome="invalid"} > 0'))
+    invalid = wait_for(
+        "invalid requests counted", lambda: stack.vector('apserve_requests_total{outcome="invalid"} > 0')
+    )
     assert float(invalid[0]["value"][1]) >= 1
     refused = wait_for(
         "deadline refusals counted", lambda: stack.vector('apserve_rejections_total{reason="deadline"} > 0')
