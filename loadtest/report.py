@@ -49,7 +49,7 @@ def summarize(
         bits_count[r["bits"]] = bits_count.get(r["bits"], 0) + 1
     served = _served_accuracy(ok, accuracy)
     if served is None and samples:
-        served = samples[-1].get("served_accuracy")
+        served = samples[-1].get("served_accuracy") or None  # the server's rolling gauge; 0: it knows no accuracy
     energy = None
     if len(samples) >= 2 and "energy_joules_total" in samples[0] and "energy_joules_total" in samples[-1]:
         energy = samples[-1]["energy_joules_total"] - samples[0]["energy_joules_total"]
