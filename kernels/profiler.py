@@ -158,7 +158,7 @@ def profile(
             total = 0.0
             for batch in batches:
                 x = timing_images[:batch]
-                walls, cpus = time_runs(functools.partial(runner, x))
+                walls, cpus = time_runs(functools.partial(runner, x), min_runs=3)
                 row: dict[str, Any] = {
                     "bits": bits,
                     "batch": batch,
