@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kernels import bitserial
-from kernels.engine import FP32, ORT_FP32, ORT_FP32_CODES, ORT_INT8, build_runner
+from kernels.engine import FP32, ORT_FP32, ORT_FP32_CODES, ORT_INT8, build_runner, default_backend
 from kernels.reference import ReferenceEngine
 from model_store import fashion_mnist
 from model_store.artifact import Artifact
@@ -132,7 +132,9 @@ def profile(
     bits_list: Sequence[int] | None = None,
     check_images: int = CHECK_IMAGES,
     progress: bool = True,
+    defaults_only: bool = False,
 ) -> dict[str, Any]:
+    """``defaults_only``: time only the engine's default backend per bits (a quick profile)."""
     bits_list = list(bits_list or artifact.bits)
     test = fashion_mnist.load("test")
     images, labels = test.images[:check_images][:, None], test.labels[:check_images]
@@ -146,7 +148,7 @@ def profile(
     for bits in bits_list:
         want = reference.run(images, bits)
         best: tuple[float, str] | None = None
-        for backend in candidates(bits):
+        for backend in [default_backend(bits)] if defaults_only else candidates(bits):
             name, runner = build_runner(artifact, bits, backend, threads)
             got = runner(flat)
             agreement = float((got.argmax(1) == want.argmax(1)).mean())

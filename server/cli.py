@@ -172,6 +172,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         batches=_positive_ints(args.batches, "--batches"),
         bits_list=args.bits,
         check_images=args.check_images,
+        defaults_only=args.defaults_only,
     )
     out = profiler.save(result, args.out or profiler.default_path(model))
     print(f"apserve profile: wrote {out}", file=sys.stderr)
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=_bits_arg, default=list(BITS), help="comma-separated bits (default: all)")
     p.add_argument("--batches", default="1,2,4,8,16,32,64", help="comma-separated batch sizes")
     p.add_argument("--check-images", type=int, default=1000, help="test images each backend is checked on")
+    p.add_argument("--defaults-only", action="store_true", help="time only the default backend per bits (quick)")
     p.add_argument("--json", action="store_true", help="print the profile on stdout")
     p.set_defaults(func=cmd_profile)
 
