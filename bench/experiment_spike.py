@@ -175,10 +175,14 @@ def main() -> int:
         print(f"profiling into {profile}", file=sys.stderr)
         make_profile(profile)
     env = server_env(args.slo_ms, profile)
+    # capacity and overhead runs send no deadline, and the server gets no default one
+    no_deadline = {k: v for k, v in env.items() if k != "APSERVE_SLO_MS"}
 
     capacity = args.capacity
     if capacity is None:
-        cap = closed_loop(args.work / "capacity", "fixed-8", 10.0, users=32, server_env=env, scrape_interval_s=0)
+        cap = closed_loop(
+            args.work / "capacity", "fixed-8", 10.0, users=32, server_env=no_deadline, scrape_interval_s=0
+        )
         capacity = cap["throughput_rps"]
     print(f"fixed-8 capacity: {capacity:.1f} requests/s", file=sys.stderr)
 
@@ -218,7 +222,7 @@ def main() -> int:
 
     overhead = None
     if args.overhead_s > 0:
-        server = Server("fixed-8", args.work / "overhead-server.log", SERVER_CPU, env)
+        server = Server("fixed-8", args.work / "overhead-server.log", SERVER_CPU, no_deadline)
         try:
             server.wait_ready(120)
             rates: dict[str, list[float]] = {"off": [], "on": []}
