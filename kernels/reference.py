@@ -44,7 +44,7 @@ def dequantized_weight(artifact: Artifact, conv: str, bits: int, k: int, dtype: 
     """[K, cout] weights of ``conv`` at ``bits`` (32 uses the 8-bit weights). Exact in float64: the
     levels are dyadic and the scales float32."""
     wb = min(bits, 8)
-    codes = unpack_codes(artifact.tensors[f"{conv}.planes"], wb, k).astype(dtype)
+    codes: np.ndarray = unpack_codes(artifact.tensors[f"{conv}.planes"], wb, k).astype(dtype)
     n = float(1 << wb)
     levels = (2.0 * codes + 1.0 - n) / n
     scale = artifact.tensors[f"{conv}.scales"][wb - 1].astype(dtype)
@@ -83,7 +83,7 @@ class ReferenceEngine:
         for layer in art.architecture:
             name = layer["name"]
             if layer["type"] == "stem":
-                w = art.tensors[f"{name}.weight"].astype(self.dtype)
+                w: np.ndarray = art.tensors[f"{name}.weight"].astype(self.dtype)
                 wk = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1).T
                 x = im2col(x, layer["kernel"], 1) @ wk
             elif layer["type"] == "preact_block":
@@ -94,13 +94,14 @@ class ReferenceEngine:
                 x = shortcut(x, layer["out"], layer["stride"]) + h
             else:
                 pooled = np.maximum(self._bn(f"{name}.bn", bits, x), 0.0).mean(axis=(1, 2))
-                fc = art.tensors[f"{name}.fc.weight"].astype(self.dtype)
+                fc: np.ndarray = art.tensors[f"{name}.fc.weight"].astype(self.dtype)
                 x = pooled @ fc.T + art.tensors[f"{name}.fc.bias"].astype(self.dtype)
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def _bn(self, name: str, bits: int, x: np.ndarray) -> np.ndarray:
         """BatchNorm in inference form, in the order torch computes it."""
-        gamma, beta, mean, var = (p.astype(self.dtype) for p in self.artifact.bn_params(name, bits))
+        params: list[np.ndarray] = [np.asarray(p, dtype=self.dtype) for p in self.artifact.bn_params(name, bits)]
+        gamma, beta, mean, var = params
         return (x - mean) / np.sqrt(var + self.dtype(self.artifact.bn_eps)) * gamma + beta
 
 

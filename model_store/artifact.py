@@ -74,7 +74,8 @@ class Artifact:
     def bn_params(self, name: str, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """BatchNorm (gamma, beta, mean, var) of ``name`` (e.g. "s1b1.bn1") at ``bits``, as trained."""
         row = BITS.index(bits)
-        return tuple(self.tensors[f"{name}.{p}"][row] for p in BN_PARAMS)  # type: ignore[return-value]
+        gamma, beta, mean, var = (self.tensors[f"{name}.{p}"][row] for p in BN_PARAMS)
+        return gamma, beta, mean, var
 
     def bn(self, name: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
         """BatchNorm of ``name`` at ``bits`` folded to float32 (scale, shift): y = x * scale + shift."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from model_store import artifact, fashion_mnist
-from training.model import AnyPrecisionResNet, SwitchableBN, macs_per_image
+from training.model import BN_EPS, AnyPrecisionResNet, PreActBlock, SwitchableBN, macs_per_image
 from training.quant import levels, lsq_scale, weight_codes8
 
 
@@ -33,7 +33,8 @@ def _conv_tensors(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def tensors_of(model: AnyPrecisionResNet) -> dict[str, np.ndarray]:
     stem, *blocks, head = model.layers_spec
     out: dict[str, np.ndarray] = {f"{stem['name']}.weight": model.stem.weight.detach().numpy()}
-    for spec, block in zip(blocks, model.blocks, strict=False):
+    for spec, block in zip(blocks, model.blocks, strict=True):
+        assert isinstance(block, PreActBlock)
         name = spec["name"]
         out.update(_bn_tables(f"{name}.bn1", block.bn1))
         out.update(_bn_tables(f"{name}.bn2", block.bn2))
@@ -70,7 +71,7 @@ def export(
         "bits 32 = float activations with the 8-bit weights; stem and classifier fp32",
         "activations": "k unsigned bits, clip [0, 1], zero point 0, round half up",
         "macs_per_image": macs_per_image(model.layers_spec),
-        "bn_eps": float(model.head_bn.bns["32"].eps),
+        "bn_eps": BN_EPS,
         "accuracy": accuracy or {},
         "training": training or {},
     }

@@ -45,12 +45,15 @@ def architecture(stages=STAGES, num_classes: int = NUM_CLASSES) -> list[dict[str
     return layers
 
 
+BN_EPS = 1e-5
+
+
 class SwitchableBN(nn.Module):
     """One BatchNorm2d per bit-width; ``bits`` picks which."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.bns = nn.ModuleDict({str(b): nn.BatchNorm2d(channels) for b in BITS})
+        self.bns = nn.ModuleDict({str(b): nn.BatchNorm2d(channels, eps=BN_EPS) for b in BITS})
 
     def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         return self.bns[str(bits)](x)

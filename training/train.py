@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from model_store import fashion_mnist
-from training.model import AnyPrecisionResNet
+from training.model import AnyPrecisionResNet, SwitchableBN
 from training.quant import BITS
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -131,7 +131,7 @@ def calibrate_bn(model: AnyPrecisionResNet, split: fashion_mnist.Split, recipe: 
         if bits not in trained:
             donor = min((b for b in trained if b > bits), default=max(trained))
             for module in model.modules():
-                if hasattr(module, "bns"):
+                if isinstance(module, SwitchableBN):
                     module.bns[str(bits)].load_state_dict(module.bns[str(donor)].state_dict())
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for bn in bns:
@@ -153,7 +153,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = True) -> tuple[AnyPrecis
     torch.manual_seed(recipe.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_split, val_split = fashion_mnist.train_validation(recipe.seed)
-    model = AnyPrecisionResNet().to(memory_format=torch.channels_last)
+    model = AnyPrecisionResNet()
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = len(train_split) // recipe.batch_size
     total = recipe.epochs * steps_per_epoch
