@@ -68,6 +68,10 @@ def parse_profile(doc: Any, source: str = "<profile>", accuracy: Mapping[int, fl
     rows = doc.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ProfileError(f"{source}: 'rows' must be a non-empty list")
+    backends_doc = doc.get("backends") or {}
+    if not isinstance(backends_doc, dict):
+        raise ProfileError(f"{source}: 'backends' must be an object of bits -> name")
+    backends = {_bits_key(k, f"{source}: backends"): str(v) for k, v in backends_doc.items()}
     table: dict[tuple[int, int], float] = {}
     cpu: dict[tuple[int, int], float] = {}
     for i, row in enumerate(rows):
@@ -81,6 +85,9 @@ def parse_profile(doc: Any, source: str = "<profile>", accuracy: Mapping[int, fl
         batch = row["batch"]
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ProfileError(f"{where}: batch must be a positive integer, got {batch!r}")
+        chosen = backends.get(bits)
+        if chosen is not None and row.get("backend", chosen) != chosen:
+            continue  # a candidate backend the profiler measured but did not choose
         key = (bits, batch)
         if key in table:
             raise ProfileError(f"{where}: duplicate row for bits {bits}, batch {batch}")
@@ -122,10 +129,6 @@ def parse_profile(doc: Any, source: str = "<profile>", accuracy: Mapping[int, fl
         pareto = pareto_bits(latency, acc, profiled)
     else:
         pareto = profiled
-    backends_doc = doc.get("backends") or {}
-    if not isinstance(backends_doc, dict):
-        raise ProfileError(f"{source}: 'backends' must be an object of bits -> name")
-    backends = {_bits_key(k, f"{source}: backends"): str(v) for k, v in backends_doc.items()}
     return Profile(
         latency=LatencyProfile(table=table, pareto=pareto, cpu_seconds=cpu),
         accuracy=acc,

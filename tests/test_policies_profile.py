@@ -72,3 +72,16 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("{")
     with pytest.raises(ProfileError, match="not valid JSON"):
         load_profile(bad)
+
+
+def test_rows_of_backends_not_chosen_are_ignored():
+    """`apserve profile` writes a row per candidate backend; only the chosen backend's latency counts."""
+    doc = {
+        "rows": [
+            {"bits": 8, "batch": 1, "backend": "onnxruntime-int8", "ms_median": 2.0},
+            {"bits": 8, "batch": 1, "backend": "native-avx2", "ms_median": 9.0},
+        ],
+        "backends": {"8": "onnxruntime-int8"},
+    }
+    profile = parse_profile(doc)
+    assert profile.latency.latency(8, 1) == pytest.approx(0.002)
