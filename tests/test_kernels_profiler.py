@@ -25,7 +25,12 @@ def test_profile_format(small_profile, bundled):
     p = small_profile
     assert set(p) >= {"fingerprint", "model_sha256", "threads", "rows", "backends", "accuracy", "pareto"}
     assert p["model_sha256"] == bundled.manifest["payload_sha256"] and p["threads"] == 1
-    assert p["backends"]["32"] == "onnxruntime-fp32" and p["backends"]["1"].startswith("native-")
+    assert p["backends"]["32"] == "onnxruntime-fp32"
+    # the choice is the fastest correct candidate (which one wins depends on the machine and its load)
+    candidates = {r["backend"] for r in p["rows"] if r["bits"] == 1}
+    assert any(c.startswith("native-") for c in candidates) and p["backends"]["1"] in candidates
+    total = {c: sum(r["ms_median"] for r in p["rows"] if r["bits"] == 1 and r["backend"] == c) for c in candidates}
+    assert total[p["backends"]["1"]] == min(total.values())
     for row in p["rows"]:
         assert set(row) == {"bits", "batch", "backend", "ms_median", "ms_p90", "cpu_ms"}
         assert row["ms_p90"] >= row["ms_median"] > 0
