@@ -195,12 +195,20 @@ def _apserve(policy: str, args: argparse.Namespace) -> Server:
     return Server(f"apserve {policy}", [PYTHON, "-m", "server.cli", "serve"], env, args.server_cpu)
 
 
+def _low_load_line(low: dict[str, Any]) -> str:
+    return (
+        f"low load (fixed-8, 1 connection): p50 latency {low['p50_ms']:.3f} ms, engine p50 "
+        f"{low.get('compute_p50_ms', float('nan')):.3f} ms, overhead p50 {low.get('overhead_p50_ms', float('nan')):.3f} ms"
+    )
+
+
 def bench_main(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
     from bench.baseline_server import build_int8_onnx
 
-    print("building the baseline's int8 ONNX model ...", file=sys.stderr)
-    build_int8_onnx()
+    if not args.low_load_only:
+        print("building the baseline's int8 ONNX model ...", file=sys.stderr)
+        build_int8_onnx()
     report: dict[str, Any] = {
         "command": " ".join([Path(PYTHON).name, *sys.argv]),
         "server_cpu": args.server_cpu,
@@ -215,6 +223,10 @@ def bench_main(args: argparse.Namespace) -> int:
     with _apserve("fixed-8", args) as server:
         print("low load, apserve fixed-8 ...", file=sys.stderr)
         report["low_load_fixed8"] = _load(server.url, args.load_cpu, 1, args.duration, args.warmup, parse=True)
+        if args.low_load_only:
+            low = report["low_load_fixed8"]
+            print(json.dumps(report, indent=1) if args.json else _low_load_line(low))
+            return 0
         print("saturated, apserve fixed-8 ...", file=sys.stderr)
         report["saturated_fixed8"] = _load(
             server.url, args.load_cpu, args.concurrency, args.duration, args.warmup, False
@@ -238,8 +250,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"low load (fixed-8, 1 connection): p50 latency {low['p50_ms']:.3f} ms, engine p50 "
-              f"{low.get('compute_p50_ms', float('nan')):.3f} ms, overhead p50 {low.get('overhead_p50_ms', float('nan')):.3f} ms")  # fmt: skip
+        print(_low_load_line(low))
         for key in ("fixed8", "fixed1", "baseline"):
             row = report[f"saturated_{key}"]
             print(
@@ -259,6 +270,7 @@ def main() -> int:
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument("--load-cpu", default="1")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--low-load-only", action="store_true", help="run only the low-load overhead measurement")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run as the load client
     parser.add_argument("--parse", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

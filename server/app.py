@@ -20,6 +20,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -34,7 +35,9 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from kernels.engine import Engine
 from model_store import artifact as artifact_store
@@ -228,8 +231,14 @@ def _refusal_response(refusal: Refused) -> JSONResponse:
     return error_response(refusal.status, refusal.message, headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+def _protocol_error_response(rt: Runtime | None, exc: ProtocolError) -> JSONResponse:
+    if rt is not None and exc.status not in (404,):
+        rt.metrics.requests.labels(outcome="invalid", bits="none").inc()
+    return error_response(exc.status, exc.message)
+
+
+async def _receive_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The whole request body from the ASGI ``receive``, refused (413) past ``limit`` bytes."""
     if declared is not None:
         if not declared.isdigit():
             raise ProtocolError(f"Content-Length {declared!r} is not an integer")
@@ -237,12 +246,21 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise ProtocolError(f"request body of {declared} bytes exceeds the limit of {limit} bytes", 413)
     chunks = []
     total = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         total += len(chunk)
         if total > limit:
             raise ProtocolError(f"request body exceeds the limit of {limit} bytes", 413)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    return await _receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
 # --- OpenAPI descriptions of the raw-body endpoints (parsed by hand, see server/protocol.py) -----------
@@ -259,6 +277,8 @@ _TENSOR_SCHEMA = {
     },
 }
 INFER_PATH = "/v2/models/{model_name}/infer"
+_HEADER_LENGTH = HEADER_LENGTH.encode()
+_INFER_PATH_RE = re.compile(r"/v2/models/(?P<model_name>[^/]+)/infer")  # what Starlette compiles INFER_PATH to
 _INFER_OPENAPI = {
     "summary": "Infer (KServe v2, JSON or binary tensors)",
     "operationId": "infer",
@@ -351,12 +371,34 @@ def create_app(
             prepared.draining = True
             await prepared.scheduler.drain()
 
-    app = FastAPI(title="apserve", version=_version(), lifespan=lifespan)
+    app = _App(title="apserve", version=_version(), lifespan=lifespan)
     _add_error_handlers(app)
     _add_infer_route(app)
     _add_v2_routes(app)
     _add_v1_routes(app)
     return app
+
+
+class _App(FastAPI):
+    """FastAPI, with ``POST /v2/models/{name}/infer`` dispatched straight to its endpoint, ahead of the
+    middleware stack and the router: at low load their per-request Python (five middleware layers, route
+    matching, Request/Response objects) cost more than the rest of the server's work on a request. The
+    endpoint answers every outcome itself, so skipping those layers changes no response. Other methods
+    on that path, a root path, or a request before start-up take the ordinary stack (where the same
+    endpoint is registered as a route)."""
+
+    infer_endpoint: _InferEndpoint | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.infer_endpoint
+        if endpoint is not None and scope["type"] == "http" and scope["method"] == "POST" and not scope["root_path"]:
+            match = _INFER_PATH_RE.fullmatch(scope["path"])
+            if match is not None and endpoint.runtime is not None:
+                scope["app"] = self
+                scope["path_params"] = match.groupdict()
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def _runtime(request: Request) -> Runtime:
@@ -372,10 +414,7 @@ def _check_model(rt: Runtime, name: str) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
-        rt = getattr(request.app.state, "runtime", None)
-        if rt is not None and exc.status not in (404,):
-            rt.metrics.requests.labels(outcome="invalid", bits="none").inc()
-        return error_response(exc.status, exc.message)
+        return _protocol_error_response(getattr(request.app.state, "runtime", None), exc)
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
@@ -437,17 +476,49 @@ def _model_config(rt: Runtime) -> dict[str, Any]:
     }
 
 
-def _add_infer_route(app: FastAPI) -> None:
-    """The hot path as a plain Starlette route, matched first: FastAPI's parameter machinery costs more per
-    request than parsing the binary tensor does. Its OpenAPI description is added to the schema by hand."""
+class _InferEndpoint:
+    """``POST /v2/models/{model_name}/infer``, the hot path, as a plain ASGI app: no FastAPI parameter
+    machinery, no Request/Response objects. It answers every outcome itself, errors included (the same
+    bodies and metrics as the app's exception handlers), so ``_App`` may call it ahead of the middleware."""
 
-    async def infer(request: Request) -> Response:
-        rt = _runtime(request)
-        _check_model(rt, request.path_params["model_name"])
-        body = await _read_body(request, rt.settings.max_body_bytes)
+    def __init__(self, app: FastAPI):
+        self.app = app
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return getattr(self.app.state, "runtime", None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rt: Runtime = self.app.state.runtime
+        try:
+            content, headers = await self._infer(rt, scope, receive)
+        except ClientDisconnect:
+            return  # nobody to answer
+        except ProtocolError as exc:
+            await _protocol_error_response(rt, exc)(scope, receive, send)
+            return
+        except Refused as exc:
+            await _refusal_response(exc)(scope, receive, send)
+            return
+        except Exception as exc:  # our bug: the same answer as the app's handler for unhandled errors
+            log.exception("unhandled error on POST %s", scope["path"])
+            await error_response(500, f"internal error: {type(exc).__name__}")(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+    async def _infer(self, rt: Runtime, scope: Scope, receive: Receive) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        _check_model(rt, scope["path_params"]["model_name"])
+        declared = header_length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                declared = value.decode("latin-1")
+            elif name == _HEADER_LENGTH:
+                header_length = value.decode("latin-1")
+        body = await _receive_body(receive, declared, rt.settings.max_body_bytes)
         parsed = parse_infer(
             body,
-            request.headers.get(HEADER_LENGTH),
+            header_length,
             max_batch_size=rt.settings.max_batch_size,
             priority_levels=rt.settings.priority_levels,
         )
@@ -458,13 +529,21 @@ def _add_infer_route(app: FastAPI) -> None:
             "compute_us": outcome.compute_us,
             "batch_size": outcome.batch_size,
         }
-        content, headers = encode_infer_response(
+        content, extra = encode_infer_response(
             rt.settings.model_name, parsed.id, outcome.logits, params, parsed.binary_output
         )
-        media = "application/octet-stream" if parsed.binary_output else "application/json"
-        return Response(content, media_type=media, headers=headers)
+        media = b"application/octet-stream" if parsed.binary_output else b"application/json"
+        headers = [(b"content-length", str(len(content)).encode()), (b"content-type", media)]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+        return content, headers
 
-    app.router.routes.insert(0, Route(INFER_PATH, infer, methods=["POST"]))
+
+def _add_infer_route(app: _App) -> None:
+    """The hot path: ``_App`` calls the endpoint directly; it is also a route (matched first) for the
+    requests ``_App`` leaves to the stack. Its OpenAPI description is added to the schema by hand."""
+    endpoint = _InferEndpoint(app)
+    app.infer_endpoint = endpoint
+    app.router.routes.insert(0, Route(INFER_PATH, endpoint, methods=["POST"]))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -153,6 +153,7 @@ class Scheduler:
         # labelled metric children, looked up once: .labels() costs a few µs per call on the hot path
         self._bits_series: dict[int, _BitsSeries] = {}
         self._batch_counters: dict[tuple[int, str, str], Any] = {}
+        metrics.queue_depth.set_function(lambda: len(self._queue))  # read at scrape time, not kept per request
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -280,15 +281,12 @@ class Scheduler:
         bisect.insort(self._queue, pending, key=lambda p: p.key)
         if pending.request.deadline is not None:
             pending.timer = self._loop.call_at(pending.request.deadline, self._expire, pending)
-        self.metrics.queue_depth.set(len(self._queue))
-        self._wake.set()
 
     def _remove(self, pending: _Pending) -> None:
         self._queue.remove(pending)
         if pending.timer is not None:
             pending.timer.cancel()
             pending.timer = None
-        self.metrics.queue_depth.set(len(self._queue))
 
     def _expire(self, pending: _Pending) -> None:
         if pending in self._queue:
@@ -311,13 +309,16 @@ class Scheduler:
     # --- the loop -------------------------------------------------------------------------------
 
     def _kick(self) -> None:
-        """Start a batch right away when a worker is free, rather than one loop iteration later."""
-        if self._queue and self._inflight < self.config.workers:
+        """Start batches right away while a worker is free, rather than in the loop task one iteration
+        later. Called after every change that may allow a batch (an arrival, a finished batch), so the
+        loop task is woken only to arm a timer for a wait the policy decided, or to wind down."""
+        while self._queue and self._inflight < self.config.workers:
             wait = self._dispatch()
-            # no batch: hand the decided wait to the loop, which arms the timer (a batch: nothing to hand)
-            self._decided_wait = None if wait == 0.0 else (wait,)
-            if wait != 0.0:
+            if wait != 0.0:  # no batch: hand the decided wait to the loop task, which arms the timer
+                self._decided_wait = (wait,)
                 self._wake.set()
+                return
+            self._decided_wait = None
 
     async def _run(self) -> None:
         assert self._loop is not None
@@ -420,11 +421,12 @@ class Scheduler:
     def _finish(self, job: _Job, result: tuple[np.ndarray, float] | BaseException) -> None:
         """On the event loop: answer (or escalate) the batch's requests, then start the next batch."""
         self._inflight -= 1
-        self._wake.set()
         try:
             self._answer(job, result)
         finally:
             self._kick()
+            if self._closing:  # the loop task ends once nothing is queued or running
+                self._wake.set()
 
     def _answer(self, job: _Job, result: tuple[np.ndarray, float] | BaseException) -> None:
         batch, bits, reason = job.batch, job.bits, job.decision.reason
