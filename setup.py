@@ -30,6 +30,7 @@ setup(
         Extension(
             "kernels._bitserial",
             sources=["kernels/native/bitserial.c"],
+            depends=["kernels/native/avx2.h", "kernels/native/avx512.h"],
             extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-strict-aliasing"],
             libraries=["m", "pthread"],
         )

@@ -57,8 +57,10 @@ class _Block(ctypes.Structure):
         ("w1", _P(ctypes.c_uint64)),
         ("w2", _P(ctypes.c_uint64)),
         ("xthr", _P(ctypes.c_double)),
+        ("xthr_t", _P(ctypes.c_double)),
         ("xsign", _P(ctypes.c_int32)),
         ("ithr", _P(ctypes.c_int64)),
+        ("ithr_t", _P(ctypes.c_int64)),
         ("isign", _P(ctypes.c_int32)),
         ("alpha2", _P(ctypes.c_double)),
     ]
@@ -221,12 +223,14 @@ class BitSerialNet:
                 isign.ctypes.data,
             )
             alpha2 = t[f"{name}.conv2.scales"][bits - 1].astype(np.float64) / float((n + 1) * n)
-            keep += [w1, w2, xthr, xsign, ithr, isign, alpha1, alpha2]
+            xthr_t, ithr_t = np.ascontiguousarray(xthr.T), np.ascontiguousarray(ithr.T)  # SIMD layouts
+            keep += [w1, w2, xthr, xthr_t, xsign, ithr, ithr_t, isign, alpha1, alpha2]
             cblocks[i] = _Block(
                 cin, cout, layer["stride"], w1.shape[2], w2.shape[2],
                 _ptr(w1, ctypes.c_uint64), _ptr(w2, ctypes.c_uint64),
-                _ptr(xthr, ctypes.c_double), _ptr(xsign, ctypes.c_int32),
-                _ptr(ithr, ctypes.c_int64), _ptr(isign, ctypes.c_int32), _ptr(alpha2, ctypes.c_double),
+                _ptr(xthr, ctypes.c_double), _ptr(xthr_t, ctypes.c_double), _ptr(xsign, ctypes.c_int32),
+                _ptr(ithr, ctypes.c_int64), _ptr(ithr_t, ctypes.c_int64), _ptr(isign, ctypes.c_int32),
+                _ptr(alpha2, ctypes.c_double),
             )  # fmt: skip
         fc_w = np.ascontiguousarray(t[f"{head['name']}.fc.weight"], dtype=np.float64)
         fc_b = np.ascontiguousarray(t[f"{head['name']}.fc.bias"], dtype=np.float64)

@@ -55,9 +55,10 @@ def test_extreme_codes_do_not_overflow(path):
     np.testing.assert_array_equal(got, integer_conv(acts, codes8, 8, 1))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3])
-def test_every_path_gives_identical_logits(bundled, test_split, bits):
-    x = to_input(test_split.images[:24][:, None], np.float64)[..., 0]
+# SIMD epilogues specialised for 1..3 bits, generic at 4, scalar packing at 8 (few images: 64 plane pairs)
+@pytest.mark.parametrize(("bits", "images"), [(1, 24), (2, 24), (3, 24), (4, 8), (8, 2)])
+def test_every_path_gives_identical_logits(bundled, test_split, bits, images):
+    x = to_input(test_split.images[:images][:, None], np.float64)[..., 0]
     outs = {p: bitserial.BitSerialNet(bundled, bits, p).run(x, threads=1) for p in PATHS}
     for path in PATHS:
         np.testing.assert_array_equal(outs[path], outs["scalar"], err_msg=f"{path} differs from scalar")

@@ -2,7 +2,7 @@
  *
  * Weights are the artifact's bit-planes as stored: [8][cout][row_words] uint64, plane 0 = MSB, rows in
  * (kh, kw, cin) order; k bits read planes 0..k-1 only. Activations are k-bit unsigned codes with zero
- * point 0, kept as k {0,1} planes per pixel: [pixel][k][cw] uint64, cw = ceil(cin / 64).
+ * point 0, kept as k {0,1} planes over a zero-padded image (layout at plane_stride below).
  *
  * For weight codes c and activation codes a at k bits (N = 2^k, n = N - 1), the conv is exactly
  *     y = scale / (N n) * I,   I = 2 * sum(c a) + (1 - N) * sum(a)
@@ -11,9 +11,10 @@
  * zero padding is activation code 0, so it needs no correction.
  *
  * Output pixels are processed in tiles of TILE: the tile's receptive fields are gathered into a bit row
- * per pixel laid out like a weight row (im2col on the fly, only TILE rows live, in L1), the AND+popcount
- * core runs over it, then the epilogue (scale, BN, clip, requantize, pack; or scale + float residual
- * add) runs on the tile while it is still in cache. Accumulators are 64-bit.
+ * per pixel laid out like a weight row (im2col on the fly, only TILE rows live, in L1; for stride 1 the
+ * SIMD gather loads 4 neighbouring pixels per instruction), the AND+popcount core runs over it, then the
+ * epilogue (scale, BN, clip, requantize, pack; or scale + float residual add) runs on the tile while it
+ * is still in cache. Accumulators are 64-bit. The SIMD code lives in avx2.h and avx512.h.
  *
  * Dispatch: AVX-512 VPOPCNTDQ -> AVX2 -> portable C, chosen at run time per call (target attributes, no
  * -march flags at build time). The portable C core is the scalar reference the SIMD cores are tested
@@ -35,6 +36,8 @@
 #define TILE 8
 #define MAX_BITS 8
 #define AI static inline __attribute__((always_inline))
+#define TARGET_AVX2 __attribute__((target("avx2,popcnt")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt")))
 
 enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
 
@@ -88,97 +91,19 @@ AI void core_scalar(const uint64_t *tile, const uint64_t *w, int bits, int cout,
     for (int o = 0; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
 }
 
-#ifdef APQ_X86
-/* AVX2 has no 64-bit popcount: nibble lookup (vpshufb) into byte counts, summed over up to 31 words
- * (8 * 31 < 256, no byte overflow), then vpsadbw to 64-bit lanes. 8 pixels = two ymm. */
-__attribute__((target("avx2,popcnt"))) static inline __m256i pc_bytes(__m256i v, __m256i lut, __m256i low) {
-    __m256i lo = _mm256_and_si256(v, low);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
-}
+static inline int words_for(int c) { return (c + 63) / 64; }
 
-__attribute__((target("avx2,popcnt"))) static void core_avx2(const uint64_t *tile, const uint64_t *w, int bits, int cout,
-                                                      int rw, int64_t *dot) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
-                                         2, 2, 3, 2, 3, 3, 4);
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    const __m256i zero = _mm256_setzero_si256();
-    int o = 0;
-    for (; o + 2 <= cout; o += 2) {
-        __m256i acc00 = zero, acc01 = zero, acc10 = zero, acc11 = zero; /* acc[cout][half] */
-        for (int p = 0; p < bits; p++) {
-            const uint64_t *w0 = w + ((size_t)p * cout + o) * rw;
-            const uint64_t *w1 = w0 + rw;
-            for (int q = 0; q < bits; q++) {
-                const __m128i shift = _mm_cvtsi32_si128(2 * bits - 2 - p - q);
-                const uint64_t *ar = tile + (size_t)q * rw * TILE;
-                for (int i0 = 0; i0 < rw; i0 += 31) {
-                    const int i1 = i0 + 31 < rw ? i0 + 31 : rw;
-                    __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero;
-                    for (int i = i0; i < i1; i++) {
-                        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE));
-                        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE + 4));
-                        const __m256i b0 = _mm256_set1_epi64x((long long)w0[i]);
-                        const __m256i b1 = _mm256_set1_epi64x((long long)w1[i]);
-                        s00 = _mm256_add_epi8(s00, pc_bytes(_mm256_and_si256(a0, b0), lut, low));
-                        s01 = _mm256_add_epi8(s01, pc_bytes(_mm256_and_si256(a1, b0), lut, low));
-                        s10 = _mm256_add_epi8(s10, pc_bytes(_mm256_and_si256(a0, b1), lut, low));
-                        s11 = _mm256_add_epi8(s11, pc_bytes(_mm256_and_si256(a1, b1), lut, low));
-                    }
-                    acc00 = _mm256_add_epi64(acc00, _mm256_sll_epi64(_mm256_sad_epu8(s00, zero), shift));
-                    acc01 = _mm256_add_epi64(acc01, _mm256_sll_epi64(_mm256_sad_epu8(s01, zero), shift));
-                    acc10 = _mm256_add_epi64(acc10, _mm256_sll_epi64(_mm256_sad_epu8(s10, zero), shift));
-                    acc11 = _mm256_add_epi64(acc11, _mm256_sll_epi64(_mm256_sad_epu8(s11, zero), shift));
-                }
-            }
-        }
-        _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE), acc00);
-        _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE + 4), acc01);
-        _mm256_storeu_si256((__m256i *)(dot + (size_t)(o + 1) * TILE), acc10);
-        _mm256_storeu_si256((__m256i *)(dot + (size_t)(o + 1) * TILE + 4), acc11);
-    }
-    for (; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
-}
-
-/* AVX-512: 8 pixels = one zmm, VPOPCNTQ per 64-bit lane; 4 output channels share each activation load. */
-__attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt"))) static void core_avx512(const uint64_t *tile,
-                                                                                     const uint64_t *w, int bits,
-                                                                                     int cout, int rw,
-                                                                                     int64_t *dot) {
-    int o = 0;
-    for (; o + 4 <= cout; o += 4) {
-        __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-        for (int p = 0; p < bits; p++) {
-            const uint64_t *w0 = w + ((size_t)p * cout + o) * rw;
-            for (int q = 0; q < bits; q++) {
-                const __m128i shift = _mm_cvtsi32_si128(2 * bits - 2 - p - q);
-                const uint64_t *ar = tile + (size_t)q * rw * TILE;
-                __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-                for (int i = 0; i < rw; i++) {
-                    const __m512i a = _mm512_loadu_si512((const void *)(ar + i * TILE));
-                    s0 = _mm512_add_epi64(s0, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[i]))));
-                    s1 = _mm512_add_epi64(s1, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[rw + i]))));
-                    s2 = _mm512_add_epi64(s2, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[2 * rw + i]))));
-                    s3 = _mm512_add_epi64(s3, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[3 * rw + i]))));
-                }
-                acc0 = _mm512_add_epi64(acc0, _mm512_sll_epi64(s0, shift));
-                acc1 = _mm512_add_epi64(acc1, _mm512_sll_epi64(s1, shift));
-                acc2 = _mm512_add_epi64(acc2, _mm512_sll_epi64(s2, shift));
-                acc3 = _mm512_add_epi64(acc3, _mm512_sll_epi64(s3, shift));
-            }
-        }
-        _mm512_storeu_si512((void *)(dot + (size_t)o * TILE), acc0);
-        _mm512_storeu_si512((void *)(dot + (size_t)(o + 1) * TILE), acc1);
-        _mm512_storeu_si512((void *)(dot + (size_t)(o + 2) * TILE), acc2);
-        _mm512_storeu_si512((void *)(dot + (size_t)(o + 3) * TILE), acc3);
-    }
-    for (; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
-}
-#endif
+/* Activation planes of an H x W image: k planes of cw = ceil(c / 64) words per pixel, stored plane-major
+ * over the image padded by one zero pixel on every side: word j of plane q of pixel (y, x) is
+ *     a[(q * cw + j) * P + (y + 1) * (W + 2) + (x + 1)],   P = plane_stride(H, W).
+ * Padding makes a 3x3 window a fixed set of offsets from its top-left corner (no bounds checks), and the
+ * words of neighbouring pixels are contiguous, so SIMD code gathers 4 pixels per load (implicit im2col).
+ * TILE words of zero slack after each word array keep the last tile's reads inside the buffer. */
+static inline size_t plane_stride(int H, int W) { return (size_t)(H + 2) * (W + 2) + TILE; }
 
 #ifdef APQ_X86
-#define TARGET_AVX2 __attribute__((target("avx2,popcnt")))
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt")))
+#include "avx2.h"
+#include "avx512.h"
 #endif
 
 AI void run_core(int path, const uint64_t *tile, const uint64_t *w, int bits, int cout, int rw, int64_t *dot) {
@@ -302,31 +227,25 @@ void apq_float_thresholds(const batchnorm *bn, int channels, int bits, double *t
 
 /* ---------------------------------------------------------------- activations */
 
-static inline int words_for(int c) { return (c + 63) / 64; }
-
-AI void put_code(uint64_t *planes, int bits, int cw, int ch, int code) {
+AI void put_code(uint64_t *a, size_t P, int bits, int cw, int ch, int code) {
     for (int q = 0; q < bits; q++)
-        planes[(size_t)q * cw + (ch >> 6)] |= (uint64_t)((code >> (bits - 1 - q)) & 1) << (ch & 63);
+        a[((size_t)q * cw + (ch >> 6)) * P] |= (uint64_t)((code >> (bits - 1 - q)) & 1) << (ch & 63);
 }
 
-/* x [npix][c] float64 -> planes [npix][bits][cw] of the k-bit codes of bn(x). */
-AI void pack_activations(const double *x, int npix, int c, const double *thr, const int32_t *sign, int bits,
+/* x [H*W][c] float64 -> the padded planes (see plane_stride) of the k-bit codes of bn(x). */
+AI void pack_activations(const double *x, int H, int W, int c, const double *thr, const int32_t *sign, int bits,
                          uint64_t *out) {
     const int cw = words_for(c), n = (1 << bits) - 1;
-    memset(out, 0, sizeof(uint64_t) * (size_t)npix * bits * cw);
-    for (int i = 0; i < npix; i++) {
-        uint64_t *dst = out + (size_t)i * bits * cw;
+    const size_t P = plane_stride(H, W);
+    memset(out, 0, sizeof(uint64_t) * P * bits * cw);
+    for (int i = 0; i < H * W; i++) {
+        uint64_t *dst = out + (size_t)(i / W + 1) * (W + 2) + i % W + 1;
         const double *src = x + (size_t)i * c;
-        if (bits == 1) {
-            for (int ch = 0; ch < c; ch++)
-                dst[ch >> 6] |= (uint64_t)(sign[ch] * src[ch] >= thr[ch]) << (ch & 63);
-            continue;
-        }
         for (int ch = 0; ch < c; ch++) {
             int code;
             const double v = sign[ch] * src[ch];
             COUNT_AT_LEAST(v, thr + (size_t)ch * n, n, code);
-            put_code(dst, bits, cw, ch, code);
+            put_code(dst, P, bits, cw, ch, code);
         }
     }
 }
@@ -339,67 +258,99 @@ typedef struct {
     int mode;
     int64_t *out_int;      /* EPI_INT: [pix][cout] */
     const int64_t *thr;    /* EPI_PACK: [cout][n] integer thresholds of the next BN + quantizer */
+    const int64_t *thr_t;  /* EPI_PACK: the same, transposed [n][cout] (for the SIMD epilogue) */
     const int32_t *sign;   /* EPI_PACK: [cout] */
-    uint64_t *out_planes;  /* EPI_PACK: [pix][bits][cw(cout)] */
+    uint64_t *out_planes;  /* EPI_PACK: padded planes of the output image */
     const double *alpha;   /* EPI_RESIDUAL: [cout], weight scale / (N n) */
     double *residual;      /* EPI_RESIDUAL: [pix][cout], I * alpha is added in place */
 } epilogue;
 
-/* 3x3 conv, pad 1, stride 1 or 2, on planes in [H][W][bits][cw(cin)]. tile: bits*rw*TILE words,
- * dot: cout*TILE int64. */
-AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, const uint64_t *w, int cout, int rw,
-                int stride, uint64_t *tile, int64_t *dot, const epilogue *epi) {
-    const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, npix = Ho * Wo, cw = words_for(cin);
-    const int cwo = words_for(cout), n = (1 << bits) - 1;
-    const int64_t offset = 1 - (1LL << bits);
-    for (int p0 = 0; p0 < npix; p0 += TILE) {
-        int64_t asum[TILE] = {0};
-        memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
-        for (int t = 0; t < TILE && p0 + t < npix; t++) {
-            const int oy = (p0 + t) / Wo, ox = (p0 + t) % Wo;
-            for (int ky = 0; ky < 3; ky++) {
-                const int iy = oy * stride + ky - 1;
-                if (iy < 0 || iy >= H) continue;
-                for (int kx = 0; kx < 3; kx++) {
-                    const int ix = ox * stride + kx - 1;
-                    if (ix < 0 || ix >= W) continue;
-                    const int off = (ky * 3 + kx) * cin;
-                    const uint64_t *src = in + ((size_t)iy * W + ix) * bits * cw;
-                    for (int q = 0; q < bits; q++) {
-                        uint64_t *row = tile + (size_t)q * rw * TILE + t;
-                        int64_t ones = 0;
-                        for (int j = 0; j < cw; j++) {
-                            const uint64_t v = src[q * cw + j];
-                            const int bit = off + 64 * j, d = bit >> 6, sh = bit & 63;
-                            row[(size_t)d * TILE] |= v << sh;
-                            if (sh && d + 1 < rw) row[(size_t)(d + 1) * TILE] |= v >> (64 - sh);
-                            ones += __builtin_popcountll(v);
-                        }
-                        asum[t] += ones << (bits - 1 - q);
-                    }
+/* The tile's bit rows, laid out like weight rows: tile[(q * rw + d) * TILE + t] is word d of plane q of
+ * lane t's receptive field (taps in (kh, kw) order, cin bits each). g[t] is lane t's window origin. */
+AI void gather(const uint64_t *in, size_t P, int cin, int bits, int rw, const int *g, const int *off,
+               uint64_t *tile) {
+    const int cw = words_for(cin);
+    for (int t = 0; t < TILE; t++)
+        for (int k = 0; k < 9; k++)
+            for (int q = 0; q < bits; q++)
+                for (int j = 0; j < cw; j++) {
+                    const uint64_t v = in[((size_t)q * cw + j) * P + g[t] + off[k]];
+                    const int bit = k * cin + 64 * j, d = bit >> 6, sh = bit & 63;
+                    uint64_t *row = tile + ((size_t)q * rw + d) * TILE + t;
+                    row[0] |= v << sh;
+                    if (sh && d + 1 < rw) row[TILE] |= v >> (64 - sh);
                 }
-            }
+}
+
+/* 3x3 conv, pad 1, stride 1 or 2, on padded planes of an H x W image. tile: bits*rw*TILE words, dot:
+ * cout*TILE int64, pixsum: plane_stride(H, W) int64 scratch (each padded pixel's activation sum). */
+AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, const uint64_t *w, int cout, int rw,
+                int stride, uint64_t *tile, int64_t *dot, int64_t *pixsum, const epilogue *epi) {
+    const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, Wp = W + 2, cw = words_for(cin);
+    const int cwo = words_for(cout), n = (1 << bits) - 1;
+    const size_t P = plane_stride(H, W), Po = plane_stride(Ho, Wo);
+    const int64_t offset = 1 - (1LL << bits);
+    int off[9];
+    for (int k = 0; k < 9; k++) off[k] = (k / 3) * Wp + k % 3;
+    for (size_t f = 0; f < P; f++) {
+        int64_t sum = 0;
+        for (int q = 0; q < bits; q++) {
+            int64_t ones = 0;
+            for (int j = 0; j < cw; j++) ones += __builtin_popcountll(in[((size_t)q * cw + j) * P + f]);
+            sum += ones << (bits - 1 - q);
         }
+        pixsum[f] = sum;
+    }
+    if (epi->mode == EPI_PACK) memset(epi->out_planes, 0, sizeof(uint64_t) * Po * bits * cwo);
+    /* Tiles run over window origins (top-left corners, padded coordinates). Stride 1: every origin of rows
+     * 0..Ho-1, so consecutive lanes are consecutive words (the two border columns between rows are
+     * computed and dropped). Stride 2: the origins of the output pixels. */
+    const int count = stride == 1 ? (Ho - 1) * Wp + Wo : Ho * Wo;
+    for (int t0 = 0; t0 < count; t0 += TILE) {
+        int g[TILE], pix[TILE], dst[TILE]; /* origin, output pixel (-1: dropped), its padded index */
+        int64_t asum[TILE];
+        for (int t = 0; t < TILE; t++) {
+            const int i = t0 + t, oy = stride == 1 ? i / Wp : i / Wo, ox = stride == 1 ? i % Wp : i % Wo;
+            const int ok = i < count && ox < Wo;
+            g[t] = stride == 1 ? i : (ok ? stride * (oy * Wp + ox) : 0);
+            pix[t] = ok ? oy * Wo + ox : -1;
+            dst[t] = ok ? (oy + 1) * (Wo + 2) + ox + 1 : -1;
+            asum[t] = 0;
+            for (int k = 0; k < 9; k++) asum[t] += pixsum[g[t] + off[k]];
+        }
+        memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
+#ifdef APQ_X86
+        if (path != PATH_SCALAR && stride == 1)
+            gather_avx2(in, P, cin, bits, rw, t0, off, tile);
+        else
+#endif
+            gather(in, P, cin, bits, rw, g, off, tile);
         run_core(path, tile, w, bits, cout, rw, dot);
-        for (int t = 0; t < TILE && p0 + t < npix; t++) {
-            const size_t pix = (size_t)p0 + t;
+#ifdef APQ_X86
+        if (path != PATH_SCALAR && epi->mode == EPI_PACK && bits <= 4) {
+            epilogue_pack_avx2(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
+            continue;
+        }
+        if (path != PATH_SCALAR && epi->mode == EPI_RESIDUAL && cout % 4 == 0) {
+            epilogue_residual_avx2(dot, asum, pix, cout, bits, epi->alpha, epi->residual);
+            continue;
+        }
+#endif
+        for (int t = 0; t < TILE; t++) {
+            if (pix[t] < 0) continue;
+            const size_t p = (size_t)pix[t];
             if (epi->mode == EPI_INT) {
-                for (int o = 0; o < cout; o++) epi->out_int[pix * cout + o] = 2 * dot[(size_t)o * TILE + t] + offset * asum[t];
+                for (int o = 0; o < cout; o++) epi->out_int[p * cout + o] = 2 * dot[(size_t)o * TILE + t] + offset * asum[t];
             } else if (epi->mode == EPI_PACK) {
-                uint64_t *dst = epi->out_planes + pix * bits * cwo;
-                memset(dst, 0, sizeof(uint64_t) * bits * cwo);
+                uint64_t *out = epi->out_planes + dst[t];
                 for (int o = 0; o < cout; o++) {
                     const int64_t v = epi->sign[o] * (2 * dot[(size_t)o * TILE + t] + offset * asum[t]);
-                    if (bits == 1) {
-                        dst[o >> 6] |= (uint64_t)(v >= epi->thr[o]) << (o & 63);
-                    } else {
-                        int code;
-                        COUNT_AT_LEAST(v, epi->thr + (size_t)o * n, n, code);
-                        put_code(dst, bits, cwo, o, code);
-                    }
+                    int code;
+                    COUNT_AT_LEAST(v, epi->thr + (size_t)o * n, n, code);
+                    put_code(out, Po, bits, cwo, o, code);
                 }
             } else {
-                double *res = epi->residual + pix * cout;
+                double *res = epi->residual + p * cout;
                 for (int o = 0; o < cout; o++)
                     res[o] += (double)(2 * dot[(size_t)o * TILE + t] + offset * asum[t]) * epi->alpha[o];
             }
@@ -415,8 +366,10 @@ typedef struct {
     int cin, cout, stride, rw1, rw2;
     const uint64_t *w1, *w2;              /* artifact planes [8][cout][rw] */
     const double *xthr;                   /* [cin][n]: bn1 + quantizer on the residual stream */
+    const double *xthr_t;                 /* [n][cin]: the same, transposed (SIMD) */
     const int32_t *xsign;                 /* [cin] */
     const int64_t *ithr;                  /* [cout][n]: conv1 output -> bn2 + quantizer */
+    const int64_t *ithr_t;                /* [n][cout]: the same, transposed (SIMD) */
     const int32_t *isign;                 /* [cout] */
     const double *alpha2;                 /* [cout]: conv2 weight scale / (N n) */
 } apq_block;
@@ -471,23 +424,35 @@ AI void forward_body(job *jb, int path) {
     const size_t npix = (size_t)H0 * W0;
     double *x = malloc(sizeof(double) * npix * cmax);
     double *xs = malloc(sizeof(double) * npix * cmax);
-    uint64_t *pa = malloc(sizeof(uint64_t) * npix * bits * words_for(cmax));
-    uint64_t *pb = malloc(sizeof(uint64_t) * npix * bits * words_for(cmax));
+    const size_t P0 = plane_stride(H0, W0);
+    uint64_t *pa = malloc(sizeof(uint64_t) * P0 * bits * words_for(cmax));
+    uint64_t *pb = malloc(sizeof(uint64_t) * P0 * bits * words_for(cmax));
     uint64_t *tile = malloc(sizeof(uint64_t) * (size_t)bits * rwmax * TILE);
     int64_t *dot = malloc(sizeof(int64_t) * (size_t)cmax * TILE);
-    if (!x || !xs || !pa || !pb || !tile || !dot) {
+    int64_t *pixsum = malloc(sizeof(int64_t) * P0);
+    if (!x || !xs || !pa || !pb || !tile || !dot || !pixsum) {
         jb->status = -2;
         goto done;
     }
     for (int img = jb->b0; img < jb->b1; img++) {
         int H = H0, W = W0, C = net->stem_cout;
-        stem(jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
+#ifdef APQ_X86
+        if (path != PATH_SCALAR && C % 16 == 0)
+            stem_avx2(jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
+        else
+#endif
+            stem(jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
         for (int i = 0; i < net->nblocks; i++) {
             const apq_block *b = net->blocks + i;
             const int s = b->stride, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
-            pack_activations(x, H * W, b->cin, b->xthr, b->xsign, bits, pa);
-            epilogue e1 = {EPI_PACK, NULL, b->ithr, b->isign, pb, NULL, NULL};
-            conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->cout, b->rw1, s, tile, dot, &e1);
+#ifdef APQ_X86
+            if (path != PATH_SCALAR && b->cin % 4 == 0 && bits <= 4)
+                pack_activations_avx2(x, H, W, b->cin, b->xthr_t, b->xsign, bits, pa);
+            else
+#endif
+                pack_activations(x, H, W, b->cin, b->xthr, b->xsign, bits, pa);
+            epilogue e1 = {EPI_PACK, NULL, b->ithr, b->ithr_t, b->isign, pb, NULL, NULL};
+            conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->cout, b->rw1, s, tile, dot, pixsum, &e1);
             if (s != 1 || b->cin != b->cout) { /* option-A shortcut: subsample, zero channels */
                 for (int yy = 0; yy < Ho; yy++)
                     for (int xx = 0; xx < Wo; xx++) {
@@ -499,8 +464,8 @@ AI void forward_body(job *jb, int path) {
                 x = xs;
                 xs = t;
             }
-            epilogue e2 = {EPI_RESIDUAL, NULL, NULL, NULL, NULL, b->alpha2, x};
-            conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->cout, b->rw2, 1, tile, dot, &e2);
+            epilogue e2 = {EPI_RESIDUAL, NULL, NULL, NULL, NULL, NULL, b->alpha2, x};
+            conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->cout, b->rw2, 1, tile, dot, pixsum, &e2);
             H = Ho;
             W = Wo;
             C = b->cout;
@@ -528,6 +493,7 @@ done:
     free(pb);
     free(tile);
     free(dot);
+    free(pixsum);
 }
 
 static void forward_scalar(job *jb) { forward_body(jb, PATH_SCALAR); }
@@ -592,20 +558,24 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
     path = resolve_path(path);
     if (path < 0) return -1;
     const int cw = words_for(cin), Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-    uint64_t *planes = calloc((size_t)H * W * bits * cw, sizeof(uint64_t));
+    const size_t P = plane_stride(H, W);
+    uint64_t *planes = calloc(P * bits * cw, sizeof(uint64_t));
     uint64_t *tile = malloc(sizeof(uint64_t) * (size_t)bits * rw * TILE);
     int64_t *dot = malloc(sizeof(int64_t) * (size_t)cout * TILE);
-    int status = (planes && tile && dot) ? 0 : -2;
+    int64_t *pixsum = malloc(sizeof(int64_t) * P);
+    int status = (planes && tile && dot && pixsum) ? 0 : -2;
     for (int b = 0; b < batch && !status; b++) {
-        memset(planes, 0, sizeof(uint64_t) * (size_t)H * W * bits * cw);
+        memset(planes, 0, sizeof(uint64_t) * P * bits * cw);
         for (int i = 0; i < H * W; i++)
             for (int c = 0; c < cin; c++)
-                put_code(planes + (size_t)i * bits * cw, bits, cw, c, codes[((size_t)b * H * W + i) * cin + c]);
-        epilogue e = {EPI_INT, out + (size_t)b * Ho * Wo * cout, NULL, NULL, NULL, NULL, NULL};
-        conv3x3(path, planes, H, W, cin, bits, w, cout, rw, stride, tile, dot, &e);
+                put_code(planes + (size_t)(i / W + 1) * (W + 2) + i % W + 1, P, bits, cw, c,
+                         codes[((size_t)b * H * W + i) * cin + c]);
+        epilogue e = {EPI_INT, out + (size_t)b * Ho * Wo * cout, NULL, NULL, NULL, NULL, NULL, NULL};
+        conv3x3(path, planes, H, W, cin, bits, w, cout, rw, stride, tile, dot, pixsum, &e);
     }
     free(planes);
     free(tile);
     free(dot);
+    free(pixsum);
     return status;
 }

@@ -1,0 +1,244 @@
+/* AVX2 kernels of bitserial.c: the AND+popcount core and the per-pixel work around it (stem, activation
+ * packing, epilogues). Included by bitserial.c only. Each function here has a portable C twin in
+ * bitserial.c that computes the same bits: the same float64 operations in the same order per value (no
+ * FMA, no reassociation), so every path gives identical logits (tested). */
+
+/* AVX2 has no 64-bit popcount: nibble lookup (vpshufb) into byte counts, summed over up to 31 words
+ * (8 * 31 < 256, no byte overflow), then vpsadbw to 64-bit lanes. 8 pixels = two ymm. */
+TARGET_AVX2 static inline __m256i pc_bytes(__m256i v, __m256i lut, __m256i low) {
+    __m256i lo = _mm256_and_si256(v, low);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+TARGET_AVX2 static void core_avx2(const uint64_t *tile, const uint64_t *w, int bits, int cout, int rw, int64_t *dot) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
+                                         2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    int o = 0;
+    for (; o + 2 <= cout; o += 2) {
+        __m256i acc00 = zero, acc01 = zero, acc10 = zero, acc11 = zero; /* acc[cout][half] */
+        for (int p = 0; p < bits; p++) {
+            const uint64_t *w0 = w + ((size_t)p * cout + o) * rw;
+            const uint64_t *w1 = w0 + rw;
+            for (int q = 0; q < bits; q++) {
+                const __m128i shift = _mm_cvtsi32_si128(2 * bits - 2 - p - q);
+                const uint64_t *ar = tile + (size_t)q * rw * TILE;
+                for (int i0 = 0; i0 < rw; i0 += 31) {
+                    const int i1 = i0 + 31 < rw ? i0 + 31 : rw;
+                    __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero;
+                    for (int i = i0; i < i1; i++) {
+                        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE));
+                        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE + 4));
+                        const __m256i b0 = _mm256_set1_epi64x((long long)w0[i]);
+                        const __m256i b1 = _mm256_set1_epi64x((long long)w1[i]);
+                        s00 = _mm256_add_epi8(s00, pc_bytes(_mm256_and_si256(a0, b0), lut, low));
+                        s01 = _mm256_add_epi8(s01, pc_bytes(_mm256_and_si256(a1, b0), lut, low));
+                        s10 = _mm256_add_epi8(s10, pc_bytes(_mm256_and_si256(a0, b1), lut, low));
+                        s11 = _mm256_add_epi8(s11, pc_bytes(_mm256_and_si256(a1, b1), lut, low));
+                    }
+                    acc00 = _mm256_add_epi64(acc00, _mm256_sll_epi64(_mm256_sad_epu8(s00, zero), shift));
+                    acc01 = _mm256_add_epi64(acc01, _mm256_sll_epi64(_mm256_sad_epu8(s01, zero), shift));
+                    acc10 = _mm256_add_epi64(acc10, _mm256_sll_epi64(_mm256_sad_epu8(s10, zero), shift));
+                    acc11 = _mm256_add_epi64(acc11, _mm256_sll_epi64(_mm256_sad_epu8(s11, zero), shift));
+                }
+            }
+        }
+        _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE), acc00);
+        _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE + 4), acc01);
+        _mm256_storeu_si256((__m256i *)(dot + (size_t)(o + 1) * TILE), acc10);
+        _mm256_storeu_si256((__m256i *)(dot + (size_t)(o + 1) * TILE + 4), acc11);
+    }
+    for (; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
+}
+
+
+/* The stem (one input channel, float64) for cout % 16 == 0: 16 channels of accumulators stay in
+ * registers across the kernel window; per channel the sum runs in the scalar stem's order. */
+TARGET_AVX2 static void stem_avx2(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
+    const int pad = kk / 2;
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) {
+            double *dst = out + ((size_t)y * W + x) * cout;
+            for (int o = 0; o < cout; o += 16) {
+                __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+                for (int ky = 0; ky < kk; ky++) {
+                    const int iy = y + ky - pad;
+                    if (iy < 0 || iy >= H) continue;
+                    for (int kx = 0; kx < kk; kx++) {
+                        const int ix = x + kx - pad;
+                        if (ix < 0 || ix >= W) continue;
+                        const __m256d v = _mm256_set1_pd(img[iy * W + ix]);
+                        const double *wr = wt + (size_t)(ky * kk + kx) * cout + o;
+                        a0 = _mm256_add_pd(a0, _mm256_mul_pd(v, _mm256_loadu_pd(wr)));
+                        a1 = _mm256_add_pd(a1, _mm256_mul_pd(v, _mm256_loadu_pd(wr + 4)));
+                        a2 = _mm256_add_pd(a2, _mm256_mul_pd(v, _mm256_loadu_pd(wr + 8)));
+                        a3 = _mm256_add_pd(a3, _mm256_mul_pd(v, _mm256_loadu_pd(wr + 12)));
+                    }
+                }
+                _mm256_storeu_pd(dst + o, a0);
+                _mm256_storeu_pd(dst + o + 4, a1);
+                _mm256_storeu_pd(dst + o + 8, a2);
+                _mm256_storeu_pd(dst + o + 12, a3);
+            }
+        }
+}
+
+/* Bit b of the code of a value, from the masks M_j = [v >= thr_j] of ascending thresholds (so
+ * M_1 >= M_2 >= ...): code = #{j : M_j}, and its bit b is the XOR of M_j over the multiples j of 2^b. */
+
+/* pack_activations for c % 4 == 0 and bits <= 4, thresholds transposed: thr_t [n][c]. Four channels per
+ * compare; a plane's word is built in a register and stored once. */
+TARGET_AVX2 AI void pack_activations_avx2_k(const double *x, int H, int W, int c, const double *thr_t,
+                                            const int32_t *sign, int bits, uint64_t *out) {
+    const int cw = words_for(c), n = (1 << bits) - 1;
+    const size_t P = plane_stride(H, W);
+    memset(out, 0, sizeof(uint64_t) * P * bits * cw);
+    for (int i = 0; i < H * W; i++) {
+        uint64_t *dst = out + (size_t)(i / W + 1) * (W + 2) + i % W + 1;
+        const double *src = x + (size_t)i * c;
+        for (int j = 0; j < cw; j++) {
+            uint64_t word[MAX_BITS] = {0};
+            const int c1 = 64 * j + 64 < c ? 64 * j + 64 : c;
+            for (int ch = 64 * j; ch < c1; ch += 4) {
+                const __m256d s = _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(sign + ch)));
+                const __m256d v = _mm256_mul_pd(s, _mm256_loadu_pd(src + ch));
+                int plane[MAX_BITS] = {0};
+                for (int k = 1; k <= n; k++) {
+                    const __m256d t = _mm256_loadu_pd(thr_t + (size_t)(k - 1) * c + ch);
+                    const int m = _mm256_movemask_pd(_mm256_cmp_pd(v, t, _CMP_GE_OQ));
+                    for (int b = 0; b < bits && (k & ((1 << b) - 1)) == 0; b++) plane[bits - 1 - b] ^= m;
+                }
+                for (int q = 0; q < bits; q++) word[q] |= (uint64_t)plane[q] << (ch & 63);
+            }
+            for (int q = 0; q < bits; q++) dst[((size_t)q * cw + j) * P] = word[q];
+        }
+    }
+}
+
+/* Compiled once per bits (constant loop bounds unroll), like the packing epilogue below. */
+TARGET_AVX2 static void pack_activations_avx2(const double *x, int H, int W, int c, const double *thr_t,
+                                              const int32_t *sign, int bits, uint64_t *out) {
+    switch (bits) {
+    case 1: pack_activations_avx2_k(x, H, W, c, thr_t, sign, 1, out); break;
+    case 2: pack_activations_avx2_k(x, H, W, c, thr_t, sign, 2, out); break;
+    case 3: pack_activations_avx2_k(x, H, W, c, thr_t, sign, 3, out); break;
+    default: pack_activations_avx2_k(x, H, W, c, thr_t, sign, bits, out);
+    }
+}
+
+/* gather for stride 1, where lane t's window origin is g0 + t: each (tap, plane, word) is two vector
+ * loads of 4 consecutive pixels, shifted into place (implicit im2col). */
+TARGET_AVX2 static void gather_avx2(const uint64_t *in, size_t P, int cin, int bits, int rw, int g0, const int *off,
+                                    uint64_t *tile) {
+    const int cw = words_for(cin);
+    for (int k = 0; k < 9; k++)
+        for (int q = 0; q < bits; q++)
+            for (int j = 0; j < cw; j++) {
+                const uint64_t *src = in + ((size_t)q * cw + j) * P + g0 + off[k];
+                const __m256i a0 = _mm256_loadu_si256((const __m256i *)src);
+                const __m256i a1 = _mm256_loadu_si256((const __m256i *)(src + 4));
+                const int bit = k * cin + 64 * j, d = bit >> 6, sh = bit & 63;
+                __m256i *row = (__m256i *)(tile + ((size_t)q * rw + d) * TILE);
+                const __m128i l = _mm_cvtsi32_si128(sh);
+                _mm256_storeu_si256(row, _mm256_or_si256(_mm256_loadu_si256(row), _mm256_sll_epi64(a0, l)));
+                _mm256_storeu_si256(row + 1, _mm256_or_si256(_mm256_loadu_si256(row + 1), _mm256_sll_epi64(a1, l)));
+                if (sh && d + 1 < rw) {
+                    const __m128i r = _mm_cvtsi32_si128(64 - sh);
+                    _mm256_storeu_si256(row + 2, _mm256_or_si256(_mm256_loadu_si256(row + 2), _mm256_srl_epi64(a0, r)));
+                    _mm256_storeu_si256(row + 3, _mm256_or_si256(_mm256_loadu_si256(row + 3), _mm256_srl_epi64(a1, r)));
+                }
+            }
+}
+
+/* The packing epilogue for bits <= 4: for each output channel, the 8 pixels of the tile are the lanes.
+ * I = 2 dot + (1 - N) asum; code = #{j : sign I >= thr_j}, thresholds transposed: thr_t [n][cout]. Lane
+ * t with pix[t] >= 0 lands at padded index dst[t] of the output planes (plane stride Po). */
+TARGET_AVX2 AI void epilogue_pack_avx2_k(const int64_t *dot, const int64_t *asum, const int *pix, const int *dst,
+                                         int cout, int bits, const int64_t *thr_t, const int32_t *sign,
+                                         uint64_t *out, size_t Po) {
+    const int n = (1 << bits) - 1, cwo = words_for(cout);
+    const int64_t offset = 1 - (1LL << bits);
+    const __m256i oa0 = _mm256_set_epi64x(offset * asum[3], offset * asum[2], offset * asum[1], offset * asum[0]);
+    const __m256i oa1 = _mm256_set_epi64x(offset * asum[7], offset * asum[6], offset * asum[5], offset * asum[4]);
+    for (int wd = 0; wd < cwo; wd++) {
+        __m256i acc0[MAX_BITS], acc1[MAX_BITS];
+        for (int q = 0; q < bits; q++) acc0[q] = acc1[q] = _mm256_setzero_si256();
+        const int o1 = wd * 64 + 64 < cout ? wd * 64 + 64 : cout;
+        for (int o = wd * 64; o < o1; o++) {
+            const __m256i neg = _mm256_set1_epi64x(sign[o] < 0 ? -1 : 0);
+            __m256i v0 = _mm256_add_epi64(_mm256_slli_epi64(_mm256_loadu_si256((const __m256i *)(dot + (size_t)o * TILE)), 1), oa0);
+            __m256i v1 = _mm256_add_epi64(_mm256_slli_epi64(_mm256_loadu_si256((const __m256i *)(dot + (size_t)o * TILE + 4)), 1), oa1);
+            v0 = _mm256_sub_epi64(_mm256_xor_si256(v0, neg), neg); /* sign * I */
+            v1 = _mm256_sub_epi64(_mm256_xor_si256(v1, neg), neg);
+            const __m256i bit = _mm256_set1_epi64x((long long)(1ULL << (o & 63)));
+            __m256i p0[MAX_BITS], p1[MAX_BITS];
+            for (int q = 0; q < bits; q++) p0[q] = p1[q] = _mm256_setzero_si256();
+            for (int j = 1; j <= n; j++) {
+                const __m256i t = _mm256_set1_epi64x(thr_t[(size_t)(j - 1) * cout + o] - 1); /* v >= thr <=> v > thr - 1 */
+                const __m256i m0 = _mm256_cmpgt_epi64(v0, t), m1 = _mm256_cmpgt_epi64(v1, t);
+                for (int b = 0; b < bits && (j & ((1 << b) - 1)) == 0; b++) {
+                    p0[bits - 1 - b] = _mm256_xor_si256(p0[bits - 1 - b], m0);
+                    p1[bits - 1 - b] = _mm256_xor_si256(p1[bits - 1 - b], m1);
+                }
+            }
+            for (int q = 0; q < bits; q++) {
+                acc0[q] = _mm256_or_si256(acc0[q], _mm256_and_si256(p0[q], bit));
+                acc1[q] = _mm256_or_si256(acc1[q], _mm256_and_si256(p1[q], bit));
+            }
+        }
+        for (int q = 0; q < bits; q++) {
+            uint64_t lanes[TILE];
+            _mm256_storeu_si256((__m256i *)lanes, acc0[q]);
+            _mm256_storeu_si256((__m256i *)(lanes + 4), acc1[q]);
+            uint64_t *plane = out + ((size_t)q * cwo + wd) * Po;
+            for (int t = 0; t < TILE; t++)
+                if (pix[t] >= 0) plane[dst[t]] = lanes[t];
+        }
+    }
+}
+
+TARGET_AVX2 static void epilogue_pack_avx2(const int64_t *dot, const int64_t *asum, const int *pix, const int *dst,
+                                           int cout, int bits, const int64_t *thr_t, const int32_t *sign,
+                                           uint64_t *out, size_t Po) {
+    switch (bits) {
+    case 1: epilogue_pack_avx2_k(dot, asum, pix, dst, cout, 1, thr_t, sign, out, Po); break;
+    case 2: epilogue_pack_avx2_k(dot, asum, pix, dst, cout, 2, thr_t, sign, out, Po); break;
+    case 3: epilogue_pack_avx2_k(dot, asum, pix, dst, cout, 3, thr_t, sign, out, Po); break;
+    default: epilogue_pack_avx2_k(dot, asum, pix, dst, cout, bits, thr_t, sign, out, Po);
+    }
+}
+
+/* The residual epilogue for cout % 4 == 0: res[pix][o] += (double)I * alpha[o]. 4x4 blocks of dot
+ * ([o][t]) are transposed to pixel rows; int64 -> double exactly by the 2^52 + 2^51 trick (|I| < 2^51). */
+TARGET_AVX2 static void epilogue_residual_avx2(const int64_t *dot, const int64_t *asum, const int *pix, int cout,
+                                               int bits, const double *alpha, double *res) {
+    const int64_t offset = 1 - (1LL << bits);
+    const __m256i magic_i = _mm256_set1_epi64x(0x4338000000000000LL);
+    const __m256d magic_d = _mm256_castsi256_pd(magic_i);
+    for (int o = 0; o < cout; o += 4) {
+        const __m256d al = _mm256_loadu_pd(alpha + o);
+        for (int t0 = 0; t0 < TILE; t0 += 4) {
+            __m256i r[4];
+            for (int k = 0; k < 4; k++) r[k] = _mm256_loadu_si256((const __m256i *)(dot + (size_t)(o + k) * TILE + t0));
+            /* transpose: c[t] = dot[o..o+3][t0 + t] */
+            const __m256d u0 = _mm256_unpacklo_pd(_mm256_castsi256_pd(r[0]), _mm256_castsi256_pd(r[1]));
+            const __m256d u1 = _mm256_unpackhi_pd(_mm256_castsi256_pd(r[0]), _mm256_castsi256_pd(r[1]));
+            const __m256d u2 = _mm256_unpacklo_pd(_mm256_castsi256_pd(r[2]), _mm256_castsi256_pd(r[3]));
+            const __m256d u3 = _mm256_unpackhi_pd(_mm256_castsi256_pd(r[2]), _mm256_castsi256_pd(r[3]));
+            __m256i c[4];
+            c[0] = _mm256_castpd_si256(_mm256_permute2f128_pd(u0, u2, 0x20));
+            c[1] = _mm256_castpd_si256(_mm256_permute2f128_pd(u1, u3, 0x20));
+            c[2] = _mm256_castpd_si256(_mm256_permute2f128_pd(u0, u2, 0x31));
+            c[3] = _mm256_castpd_si256(_mm256_permute2f128_pd(u1, u3, 0x31));
+            for (int t = 0; t < 4; t++) {
+                if (pix[t0 + t] < 0) continue;
+                const __m256i i = _mm256_add_epi64(_mm256_slli_epi64(c[t], 1), _mm256_set1_epi64x(offset * asum[t0 + t]));
+                const __m256d d = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(i, magic_i)), magic_d);
+                double *dst = res + (size_t)pix[t0 + t] * cout + o;
+                _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), _mm256_mul_pd(d, al)));
+            }
+        }
+    }
+}
