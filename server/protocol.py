@@ -23,6 +23,7 @@ PIXELS = 784
 CLASSES = 10
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps with options builds one per call
 
 
 class ProtocolError(Exception):
@@ -270,7 +271,7 @@ def encode_infer_response(
     if request_id is not None:
         response["id"] = request_id
     response["parameters"] = parameters
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = _COMPACT_JSON.encode(response).encode()
     if not binary:
         return header, {}
     return header + raw, {"Inference-Header-Content-Length": str(len(header))}

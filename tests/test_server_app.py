@@ -141,6 +141,27 @@ def test_json_infer_echoes_bits_and_timings() -> None:
     run(test)
 
 
+def test_infer_reads_a_streamed_body_and_refuses_other_methods() -> None:
+    async def test() -> None:
+        async with serving() as c:
+            raw = json.dumps(body(7)).encode()
+
+            async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the body arrives in pieces
+                for i in range(0, len(raw), 1000):
+                    yield raw[i : i + 1000]
+
+            r = await c.post(INFER, content=chunks())
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"] == "application/json"
+            assert r.json()["outputs"][0]["data"][0] == 7
+            r = await c.get(INFER)  # the route still exists for the ordinary stack: 405, not 404
+            assert r.status_code == 405 and "error" in r.json()
+            r = await c.post(INFER.replace("fashion-resnet", "nope"), content=chunks())
+            assert r.status_code == 404 and "nope" in r.json()["error"]
+
+    run(test)
+
+
 def test_binary_tensors_in_and_out() -> None:
     async def test() -> None:
         async with serving() as c:
@@ -251,6 +272,28 @@ def test_full_queue_answers_429_with_retry_after() -> None:
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "queue is full" in r.json()["error"]
             engine.gate.set()
             assert [t.status_code for t in await asyncio.gather(first, *queued)] == [200, 200, 200]
+
+    run(test)
+
+
+def test_every_free_worker_starts_a_batch_at_once() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        engine.gate.clear()
+        async with serving(engine, workers=2, max_batch_size=1, policy="fixed-8") as c:
+            tasks = [asyncio.create_task(c.post(INFER, json=body(i))) for i in (1, 2, 3)]
+            await wait_for(lambda: len(engine.calls) == 2, "a batch on each of the two workers")
+            for _ in range(100):  # the third waits in the queue for a worker
+                if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the third request never showed in apserve_queue_depth")
+            assert sorted(firsts[0] for _, firsts in engine.calls) == [1, 2]
+            engine.gate.set()
+            results = await asyncio.gather(*tasks)
+            assert [r.json()["outputs"][0]["data"][0] for r in results] == [1, 2, 3]
+            assert "apserve_queue_depth 0.0" in (await c.get("/metrics")).text
 
     run(test)
 
