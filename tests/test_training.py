@@ -14,7 +14,7 @@ from training import quant
 from training.check import max_relative_difference
 from training.export import export, tensors_of
 from training.model import AnyPrecisionResNet, macs_per_image
-from training.train import Recipe, lr_at, step_bits
+from training.train import Recipe, lr_at, step_bits, train
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,19 @@ def test_recipes_load_and_validate(tmp_path):
     bad.write_text("always_bits: [9]\n")
     with pytest.raises(ValueError, match="bits 9"):
         Recipe.load(bad)
+
+
+def test_fine_tuning_starts_from_the_parent_run(model, tmp_path):
+    """`init` starts a run from a finished run's weights, and the parent's summary travels along."""
+    parent = tmp_path / "parent.pt"
+    torch.save({"model": model.state_dict(), "summary": {"recipe": {"name": "parent"}}}, parent)
+    assert Recipe.load("continue").init == "runs/default/final.pt"
+    recipe = Recipe(epochs=0, calibration_batches=1, always_bits=[32], init=str(parent), threads=1)
+    tuned, summary = train(recipe, tmp_path / "run")
+    assert summary["initialised_from"] == {"path": str(parent), "summary": {"recipe": {"name": "parent"}}}
+    for name, value in model.state_dict().items():
+        if name.endswith(".weight") and ".bns." not in name:  # BN is re-calibrated, weights are as given
+            assert torch.equal(tuned.state_dict()[name], value), name
 
 
 def test_step_bits_highest_first_and_deterministic():

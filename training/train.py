@@ -42,6 +42,7 @@ class Recipe:
     sampled_bits: dict[int, float] = field(default_factory=dict)
     checkpoint_every: int = 50
     calibration_batches: int = 40
+    init: str | None = None  # a previous run's final.pt whose weights this run starts from (fine-tuning)
     name: str = "default"
 
     @classmethod
@@ -161,6 +162,13 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = True) -> tuple[AnyPrecis
     rng = random.Random(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     step, elapsed, history = 0, 0.0, []
+    parent = None
+    if recipe.init:
+        # Fine-tuning continues a finished run: its weights (BN calibrated) start this one, and its summary
+        # travels into ours so the artifact's provenance names every run that shaped the weights.
+        init = torch.load(recipe.init, weights_only=False)
+        model.load_state_dict(init["model"])
+        parent = init["summary"]
     ckpt = out_dir / "checkpoint.pt"
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -233,6 +241,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = True) -> tuple[AnyPrecis
         "history": history,
         "machine": machine_name(),
     }
+    if parent is not None:
+        summary["initialised_from"] = {"path": recipe.init, "summary": parent}
     torch.save({"model": model.state_dict(), "summary": summary}, out_dir / "final.pt")
     return model, summary
 
