@@ -167,8 +167,8 @@ def build_runtime(
     )
     record_batch = getattr(meter, "record_batch", None)
 
-    def on_batch(bits: int, images: int, seconds: float) -> None:
-        joules = record_batch(bits, images, seconds) if record_batch is not None else None
+    def on_batch(bits: int, images: int, seconds: float, end: float) -> None:
+        joules = record_batch(bits, images, seconds, end) if record_batch is not None else None
         if joules:
             metrics.energy.inc(float(joules))
 
@@ -672,6 +672,7 @@ def _add_v1_routes(app: FastAPI) -> None:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         rt = _runtime(request)
+        rt.scheduler.record_energy()
         _update_power(rt)
         return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
 

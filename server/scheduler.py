@@ -96,6 +96,9 @@ class _BitsSeries:
         )
 
 
+_Result = tuple[np.ndarray, float, float]  # a batch's logits, engine seconds, time.monotonic() at its end
+
+
 @dataclass(frozen=True, slots=True)
 class _Job:
     batch: list[_Pending]
@@ -129,14 +132,15 @@ class Scheduler:
         config: SchedulerConfig,
         metrics: Metrics,
         power_meter: PowerMeter | None = None,
-        on_batch: Callable[[int, int, float], None] | None = None,
+        on_batch: Callable[[int, int, float, float], None] | None = None,
     ):
         self.engine = engine
         self.profile = profile
         self.config = config
         self.metrics = metrics
         self.power_meter = power_meter
-        self._on_batch = on_batch  # (bits, images, seconds), on the worker thread: energy accounting
+        self._on_batch = on_batch  # (bits, images, seconds, monotonic end), on the loop: energy accounting
+        self._unrecorded: list[tuple[int, _Result]] = []  # finished batches not yet handed to on_batch
         self._policy = policy
         self._queue: list[_Pending] = []
         self._ids = itertools.count(1)
@@ -363,6 +367,8 @@ class Scheduler:
         """Ask the policy and start a batch. Returns 0 when a batch started, else how long to wait (None:
         until the next arrival, finished batch or timer)."""
         assert self._loop is not None
+        if self._unrecorded:  # the policy's power state must include every finished batch
+            self.record_energy()
         now = self._loop.time()
         for pending in [p for p in self._queue if p.request.deadline is not None and p.request.deadline <= now]:
             self._expire(pending)  # its timer is due but has not run yet: never start stale work
@@ -406,29 +412,40 @@ class Scheduler:
         assert self._loop is not None
         while (job := self._jobs.get()) is not None:
             try:
-                result: tuple[np.ndarray, float] | BaseException = _compute(
-                    self.engine, [p.images for p in job.batch], job.bits
-                )
+                result: _Result | BaseException = _compute(self.engine, [p.images for p in job.batch], job.bits)
             except Exception as exc:
                 result = exc
-            if self._on_batch is not None and not isinstance(result, BaseException):
-                try:  # energy accounting, here rather than on the event loop (the meter is thread-safe)
-                    self._on_batch(job.bits, int(result[0].shape[0]), result[1])
-                except Exception:
-                    log.exception("power meter failed to record a batch")
             self._loop.call_soon_threadsafe(self._finish, job, result)
 
-    def _finish(self, job: _Job, result: tuple[np.ndarray, float] | BaseException) -> None:
+    def _finish(self, job: _Job, result: _Result | BaseException) -> None:
         """On the event loop: answer (or escalate) the batch's requests, then start the next batch."""
+        assert self._loop is not None
         self._inflight -= 1
         try:
             self._answer(job, result)
         finally:
-            self._kick()
+            if self._on_batch is not None and not isinstance(result, BaseException):
+                if not self._unrecorded:  # queued behind the answers' wake-ups: runs once they are written
+                    self._loop.call_soon(self.record_energy)
+                self._unrecorded.append((job.bits, result))
+            self._kick()  # a decision records the energy first
             if self._closing:  # the loop task ends once nothing is queued or running
                 self._wake.set()
 
-    def _answer(self, job: _Job, result: tuple[np.ndarray, float] | BaseException) -> None:
+    def record_energy(self) -> None:
+        """Hand finished batches to the energy accounting (``on_batch``). Deferred from ``_finish`` so that
+        at low load it runs after the answers are written rather than before; every decision and every
+        metrics read calls it first, so none sees the meter without a finished batch."""
+        if self._on_batch is None:
+            return
+        batches, self._unrecorded = self._unrecorded, []
+        for bits, (logits, seconds, end) in batches:
+            try:
+                self._on_batch(bits, int(logits.shape[0]), seconds, end)
+            except Exception:
+                log.exception("power meter failed to record a batch")
+
+    def _answer(self, job: _Job, result: _Result | BaseException) -> None:
         batch, bits, reason = job.batch, job.bits, job.decision.reason
         escalate_below, escalate_to = job.decision.escalate_below, job.decision.escalate_to
         if isinstance(result, BaseException):  # an engine failure is our bug: log it, answer 500, keep serving
@@ -438,7 +455,7 @@ class Scheduler:
                 if not pending.future.done():
                     pending.future.set_exception(Refused(500, "error", f"engine failed: {result}"))
             return
-        logits, seconds = result
+        logits, seconds, _ = result
         images = int(logits.shape[0])
         series = self._series(bits)
         self._batch_counter(bits, reason).inc()
@@ -521,7 +538,7 @@ def _top_probability(logits: np.ndarray) -> np.ndarray:
     return np.asarray(p.max(axis=1) / p.sum(axis=1))
 
 
-def _compute(engine: Runner, arrays: list[np.ndarray], bits: int) -> tuple[np.ndarray, float]:
+def _compute(engine: Runner, arrays: list[np.ndarray], bits: int) -> _Result:
     """On a worker thread: join the requests' images into one batch and run it."""
     if len(arrays) == 1:
         batch = arrays[0]
@@ -531,4 +548,5 @@ def _compute(engine: Runner, arrays: list[np.ndarray], bits: int) -> tuple[np.nd
         batch = np.concatenate([a.astype(np.float32) / np.float32(255.0) if a.dtype == np.uint8 else a for a in arrays])
     start = time.perf_counter()
     logits = engine.run(batch.reshape(-1, 1, 28, 28), bits)
-    return np.asarray(logits, dtype=np.float32), time.perf_counter() - start
+    seconds, end = time.perf_counter() - start, time.monotonic()
+    return np.asarray(logits, dtype=np.float32), seconds, end

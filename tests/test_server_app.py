@@ -571,6 +571,29 @@ def test_every_policy_serves_through_the_scheduler(policy: str, options: dict) -
     run(test)
 
 
+def test_every_finished_batch_reaches_the_energy_accounting() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        engine.gate.clear()
+        async with serving(engine, workers=1, max_batch_size=1, power_source="model") as c:
+            first = asyncio.create_task(c.post(INFER, json=body(1)))
+            await wait_for(engine.started.is_set, "first batch to start")
+            second = asyncio.create_task(c.post(INFER, json=body(2)))  # queued: a decision follows batch 1
+            for _ in range(100):
+                if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
+                    break
+                await asyncio.sleep(0.01)
+            engine.gate.set()
+            results = await asyncio.gather(first, second)  # batch 2 ends with nothing queued
+            text = (await c.get("/metrics")).text  # read at once: no batch may be missing
+            energy = float(text.split("\napserve_energy_joules_total ")[1].split()[0])
+            # the model meter: one busy core (the profile has no CPU figures) at 10 W per core
+            seconds = sum(r.json()["parameters"]["compute_us"] for r in results) / 1e6
+            assert energy == pytest.approx(10.0 * seconds, abs=10.0 * 2e-6)
+
+    run(test)
+
+
 def test_power_budget_reaches_the_meter_on_a_policy_swap() -> None:
     async def test() -> None:
         async with serving(admin_token="t", power_source="model") as c:
