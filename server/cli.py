@@ -88,6 +88,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
                 accuracy = artifact.load(args.model).accuracy("test")
             prof = profile.load_profile(path, accuracy)
+        prof = prof.with_request_cost(args.request_cost_us / 1e6)
         if not prof.accuracy:
             raise profile.ProfileError(f"{prof.source}: no accuracy per bits in the profile or the model manifest")
         outcome = None
@@ -279,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watts-per-core", type=float, default=10.0, help="power model: watts per busy core")
     p.add_argument("--idle-w", type=float, default=5.0, help="power model: idle watts")
     p.add_argument("--window-s", type=float, default=1.0, help="rolling power window, seconds")
+    p.add_argument(
+        "--request-cost-us",
+        type=float,
+        default=0.0,
+        help="front-end CPU per request on the engine's cores (HTTP in and out), added to every batch",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_simulate)
 
