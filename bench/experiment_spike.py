@@ -3,7 +3,9 @@
     .venv/bin/python bench/experiment_spike.py            # about 5 minutes; results into docs/
     .venv/bin/python bench/experiment_spike.py --duration 20 --policies fixed-8,slo   # quicker
 
-1. Capacity: fixed-8 saturated by closed-loop Locust users (images/s answered).
+1. Capacity: fixed-8 saturated by closed-loop Locust users (images/s answered). Front-end cost: fixed-1
+   saturated the same way; the core time not spent in the engine, per answered request, is what HTTP
+   costs on the server's core. Servers (slo policy planning) and the simulator both add it per request.
 2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
@@ -27,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadtest.runner import LoadtestOptions, Server, run  # noqa: E402
+from loadtest.runner import LoadtestOptions, Server, get, run  # noqa: E402
 from loadtest.shapes import arrivals, build_shape, write_trace  # noqa: E402
 
 SERVER_CPU, LOAD_CPU = "0", "1"
@@ -76,9 +78,42 @@ def closed_loop(out: Path, policy: str, seconds: float, users: int, **kw: Any) -
     return run(opts, progress=False)
 
 
-def simulate(trace: Path, policy: str, slo_ms: float, options: dict[str, Any], profile: Path | None) -> dict[str, Any]:
+def engine_seconds_and_answers(url: str) -> tuple[float, float]:
+    """(seconds spent in Engine.run, requests answered 200) so far, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    compute = answered = 0.0
+    for family in text_string_to_metric_families(get(f"{url}/metrics")[1].decode()):
+        for sample in family.samples:
+            if sample.name == "apserve_compute_duration_seconds_sum":
+                compute += sample.value
+            elif sample.name == "apserve_requests_total" and sample.labels.get("outcome") == "ok":
+                answered += sample.value
+    return compute, answered
+
+
+def request_cost(work: Path, env: dict[str, str], seconds: float) -> float:
+    """Seconds of the server core's time per answered request outside the engine, at saturation (fixed-1,
+    where the engine's share is smallest and the front end's matters most)."""
+    server = Server("fixed-1", work / "request-cost-server.log", SERVER_CPU, env)
+    try:
+        server.wait_ready(120)
+        closed_loop(work / "request-cost-warmup", "fixed-1", 3.0, 32, url=server.url, scrape_interval_s=0)
+        compute0, answered0 = engine_seconds_and_answers(server.url)
+        t0 = time.monotonic()
+        closed_loop(work / "request-cost", "fixed-1", seconds, 32, url=server.url, scrape_interval_s=0)
+        wall = time.monotonic() - t0
+        compute1, answered1 = engine_seconds_and_answers(server.url)
+    finally:
+        server.stop()
+    return max(0.0, (wall - (compute1 - compute0)) / max(1.0, answered1 - answered0))
+
+
+def simulate(
+    trace: Path, policy: str, slo_ms: float, options: dict[str, Any], profile: Path | None, cost_s: float
+) -> dict[str, Any]:
     cmd = [str(Path(sys.executable).with_name("apserve")), "simulate", "--trace", str(trace), "--policy", policy]
-    cmd += ["--slo-ms", f"{slo_ms:g}", "--json"]
+    cmd += ["--slo-ms", f"{slo_ms:g}", "--request-cost-us", f"{cost_s * 1e6:.1f}", "--json"]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     if options:
@@ -152,6 +187,7 @@ def main() -> int:
     ap.add_argument("--slo-ms", type=float, default=50.0)
     ap.add_argument("--policies", default="fixed-8,fixed-1,slo,power")
     ap.add_argument("--capacity", type=float, default=None, help="fixed-8 capacity, requests/s (default: measure)")
+    ap.add_argument("--request-cost-us", type=float, default=None, help="front-end cost per request (default: measure)")
     ap.add_argument(
         "--power-budget", type=float, default=None, help="watts (default: idle + 60 %% of fixed-8's draw above idle)"
     )
@@ -185,6 +221,11 @@ def main() -> int:
         )
         capacity = cap["throughput_rps"]
     print(f"fixed-8 capacity: {capacity:.1f} requests/s", file=sys.stderr)
+    cost_s = (
+        args.request_cost_us / 1e6 if args.request_cost_us is not None else request_cost(args.work, no_deadline, 10.0)
+    )
+    print(f"front-end cost: {cost_s * 1e6:.0f} us per request", file=sys.stderr)
+    env["APSERVE_REQUEST_COST_US"] = f"{cost_s * 1e6:.1f}"
 
     base, peak = 0.5 * capacity, 3 * capacity
     shape = build_shape("spike", duration_s=args.duration, base_rps=base, peak_rps=peak)
@@ -218,7 +259,7 @@ def main() -> int:
         )
         print(f"{policy}: {args.duration:g} s spike", file=sys.stderr)
         results[policy] = run(opts, progress=False)
-        sims[policy] = simulate(trace, policy, args.slo_ms, options, profile)
+        sims[policy] = simulate(trace, policy, args.slo_ms, options, profile, cost_s)
 
     overhead = None
     if args.overhead_s > 0:
@@ -241,6 +282,7 @@ def main() -> int:
     summary = {
         "command": "python bench/experiment_spike.py " + " ".join(sys.argv[1:]),
         "capacity_rps": capacity,
+        "request_cost_us": cost_s * 1e6,
         "base_rps": base,
         "peak_rps": peak,
         "duration_s": args.duration,
@@ -257,7 +299,8 @@ def main() -> int:
     (args.docs / "experiment_spike.json").write_text(json.dumps(summary, indent=1))
 
     print(
-        f"fixed-8 capacity {capacity:.0f} req/s; spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms"
+        f"fixed-8 capacity {capacity:.0f} req/s; spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms; "
+        f"front-end cost {cost_s * 1e6:.0f} us per request"
     )
     print()
     print(

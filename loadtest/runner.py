@@ -84,7 +84,7 @@ def _apserve_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
 
 
-def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our own server)
             return resp.status, resp.read()
@@ -117,7 +117,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise LoadtestError(f"apserve serve exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                if _get(f"{self.url}/v2/health/ready", timeout=1.0)[0] == 200:
+                if get(f"{self.url}/v2/health/ready", timeout=1.0)[0] == 200:
                     return
             except OSError:
                 pass
@@ -139,7 +139,7 @@ def scrape(url: str) -> dict[str, float]:
     """The gauges and counters the report uses, from one GET /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    _, body = _get(f"{url}/metrics")
+    _, body = get(f"{url}/metrics")
     values: dict[str, float] = {"t": time.time()}
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
@@ -173,7 +173,7 @@ class Scraper(threading.Thread):
 def accuracy_per_bits(url: str, model: str) -> dict[int, float]:
     """Accuracy per bits from the model metadata (GET /v2/models/{name}); {} if it does not say."""
     try:
-        status, body = _get(f"{url}/v2/models/{model}")
+        status, body = get(f"{url}/v2/models/{model}")
         meta = json.loads(body) if status == 200 else {}
     except (OSError, ValueError):
         return {}
