@@ -14,6 +14,13 @@ Every server runs pinned to one core (``taskset -c SERVER_CPU``), the load clien
 
 The load client is a small asyncio HTTP/1.1 client on raw sockets (a few µs per request), so it is not
 the bottleneck of a one-core server.
+
+``--low-load-only`` runs only (1); ``--floor`` adds the same run against a bare uvicorn ASGI app around
+the same engine and hand-offs, which is what any app on uvicorn pays on this machine. On a machine busy
+with other work, run the whole command under ``chrt -f 10`` (root) so that the measured processes are
+not preempted by it (the pinning alone leaves the server waiting for its core):
+
+    chrt -f 10 .venv/bin/python bench/bench_server.py --low-load-only --floor --duration 8
 """
 
 from __future__ import annotations
@@ -120,6 +127,64 @@ async def _drive(url: str, concurrency: int, duration: float, warmup: float, par
     return out
 
 
+# --- the floor: a bare uvicorn app around the same engine (runs in its own process) --------------------
+
+
+def floor_main(args: argparse.Namespace) -> int:
+    """What any app on uvicorn pays here: a plain ASGI callable (no FastAPI, no scheduler, no validation)
+    that runs the 8-bit engine on one worker thread behind the same hand-offs (a queue there,
+    ``call_soon_threadsafe`` back) and answers ``compute_us`` in JSON. apserve's overhead minus this
+    one is what apserve's own code adds."""
+    import queue
+    import threading
+
+    import numpy as np
+    import uvicorn
+
+    sys.path.insert(0, str(ROOT))
+    from kernels.engine import Engine
+    from model_store import artifact
+
+    engine = Engine(artifact.load(artifact.BUNDLED), threads=1)
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def work() -> None:
+        while True:
+            loop, future, batch = jobs.get()
+            start = time.perf_counter()
+            logits = engine.run(batch, 8)
+            loop.call_soon_threadsafe(future.set_result, (logits, time.perf_counter() - start))
+
+    threading.Thread(target=work, daemon=True).start()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        content = b'{"ready": true}'
+        if scope["method"] == "POST":
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            jobs.put((loop, future, np.frombuffer(body[-784:], np.uint8).reshape(1, 1, 28, 28)))
+            logits, seconds = await future
+            reply = {"outputs": [{"data": logits.ravel().tolist()}], "parameters": {"compute_us": int(1e6 * seconds)}}
+            content = json.dumps(reply).encode()
+        headers = [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+    uvicorn.run(app, host="127.0.0.1", port=args.floor_port, log_level="warning", access_log=False)
+    return 0
+
+
 def client_main(args: argparse.Namespace) -> int:
     result = asyncio.run(_drive(args.client, args.concurrency, args.duration, args.warmup, args.parse))
     print(json.dumps(result))
@@ -195,11 +260,27 @@ def _apserve(policy: str, args: argparse.Namespace) -> Server:
     return Server(f"apserve {policy}", [PYTHON, "-m", "server.cli", "serve"], env, args.server_cpu)
 
 
-def _low_load_line(low: dict[str, Any]) -> str:
+def _low_load_line(low: dict[str, Any], what: str = "fixed-8") -> str:
     return (
-        f"low load (fixed-8, 1 connection): p50 latency {low['p50_ms']:.3f} ms, engine p50 "
+        f"low load ({what}, 1 connection): p50 latency {low['p50_ms']:.3f} ms, engine p50 "
         f"{low.get('compute_p50_ms', float('nan')):.3f} ms, overhead p50 {low.get('overhead_p50_ms', float('nan')):.3f} ms"
     )
+
+
+def _low_load_report(report: dict[str, Any], args: argparse.Namespace) -> int:
+    """--low-load-only: the overhead run, and with --floor the same run against the bare uvicorn app."""
+    if args.floor:
+        argv = [PYTHON, str(Path(__file__).resolve()), "--floor-server"]
+        with Server("floor", argv, {}, args.server_cpu) as floor:
+            print("low load, bare uvicorn floor ...", file=sys.stderr)
+            report["low_load_floor"] = _load(floor.url, args.load_cpu, 1, args.duration, args.warmup, parse=True)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(_low_load_line(report["low_load_fixed8"]))
+        if args.floor:
+            print(_low_load_line(report["low_load_floor"], "bare uvicorn floor"))
+    return 0
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -224,9 +305,7 @@ def bench_main(args: argparse.Namespace) -> int:
         print("low load, apserve fixed-8 ...", file=sys.stderr)
         report["low_load_fixed8"] = _load(server.url, args.load_cpu, 1, args.duration, args.warmup, parse=True)
         if args.low_load_only:
-            low = report["low_load_fixed8"]
-            print(json.dumps(report, indent=1) if args.json else _low_load_line(low))
-            return 0
+            return _low_load_report(report, args)
         print("saturated, apserve fixed-8 ...", file=sys.stderr)
         report["saturated_fixed8"] = _load(
             server.url, args.load_cpu, args.concurrency, args.duration, args.warmup, False
@@ -271,9 +350,16 @@ def main() -> int:
     parser.add_argument("--load-cpu", default="1")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--low-load-only", action="store_true", help="run only the low-load overhead measurement")
+    parser.add_argument(
+        "--floor", action="store_true", help="with --low-load-only: also measure a bare uvicorn app, same engine"
+    )
+    parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)  # internal: the floor app
+    parser.add_argument("--port", dest="floor_port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run as the load client
     parser.add_argument("--parse", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_server:
+        return floor_main(args)
     return client_main(args) if args.client else bench_main(args)
 
 
