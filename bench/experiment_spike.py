@@ -5,7 +5,8 @@
 
 1. Capacity: fixed-8 saturated by closed-loop Locust users (images/s answered). Front-end cost: fixed-1
    saturated the same way; the core time not spent in the engine, per answered request, is what HTTP
-   costs on the server's core. Servers (slo policy planning) and the simulator both add it per request.
+   costs on the server's core. The simulator takes it (--request-cost-us); the servers measure its
+   effect themselves (observed / profiled batch latency, Snapshot.latency_scale).
 2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
@@ -225,7 +226,6 @@ def main() -> int:
         args.request_cost_us / 1e6 if args.request_cost_us is not None else request_cost(args.work, no_deadline, 10.0)
     )
     print(f"front-end cost: {cost_s * 1e6:.0f} us per request", file=sys.stderr)
-    env["APSERVE_REQUEST_COST_US"] = f"{cost_s * 1e6:.1f}"
 
     base, peak = 0.5 * capacity, 3 * capacity
     shape = build_shape("spike", duration_s=args.duration, base_rps=base, peak_rps=peak)

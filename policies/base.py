@@ -99,6 +99,24 @@ class LatencyProfile:
         return t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
 
 
+@dataclass
+class LatencyScale:
+    """How much longer batches take than the profile says, lately: an exponentially weighted mean of
+    observed / profiled latency over finished batches. The profile measures the engine alone; in service
+    the same cores also parse HTTP, encode replies and run whatever else the machine runs, and that share
+    grows with the load. The server and the simulator both feed it and hand ``value`` to the policy."""
+
+    weight: float = 0.2  # of the newest batch
+    low: float = 0.5
+    high: float = 4.0
+    value: float = 1.0
+
+    def observe(self, observed_s: float, profiled_s: float) -> None:
+        if profiled_s > 0.0 and observed_s >= 0.0:
+            ratio = min(self.high, max(self.low, observed_s / profiled_s))
+            self.value += self.weight * (ratio - self.value)
+
+
 @dataclass(frozen=True)
 class PowerState:
     budget_w: float | None  # None: no budget
@@ -118,6 +136,7 @@ class Snapshot:
     max_batch_size: int
     default_bits: int = 8
     power: PowerState | None = None
+    latency_scale: float = 1.0  # LatencyScale.value: planned latency = profile x this
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ class Planner:
         return (rank, -self.profile.latency(bits, 1), -bits)
 
     def latency(self, bits: int, images: int) -> float:
-        return self.profile.latency(bits, images)
+        """Predicted latency of a batch: the profile, scaled by what batches lately really took."""
+        return self.profile.latency(bits, images) * self.snap.latency_scale
 
     def candidates(self, req: QueuedRequest) -> tuple[int, ...]:
         """Bits ``req`` may get, most preferable first."""

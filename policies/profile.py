@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +28,6 @@ class Profile:
     threads: int
     backends: dict[int, str]
     source: str  # the file it came from, or a description
-
-    def with_request_cost(self, seconds: float) -> Profile:
-        """The profile of a server whose front end (HTTP parsing, encoding replies) runs on the engine's
-        own cores: every request of a batch adds ``seconds`` of CPU work there, so a batch of n takes
-        n * seconds longer and costs as much more CPU. ``apserve profile`` measures the engine alone; the
-        front end's cost per request comes from a server benchmark (bench/bench_server.py)."""
-        if seconds < 0 or not math.isfinite(seconds):
-            raise ProfileError(f"request cost must be a finite number >= 0, got {seconds!r}")
-        if seconds == 0:
-            return self
-        lat = self.latency
-        table = {(k, n): t + n * seconds for (k, n), t in lat.table.items()}
-        cpu = {(k, n): lat.cpu(k, n) + n * seconds for (k, n) in lat.table}
-        latency = LatencyProfile(table=table, pareto=lat.pareto, cpu_seconds=cpu)
-        return replace(self, latency=latency, source=f"{self.source} + {seconds * 1e6:g} us per request")
 
 
 def pareto_bits(latency: LatencyProfile, accuracy: Mapping[int, float], bits: tuple[int, ...]) -> tuple[int, ...]:

@@ -7,18 +7,24 @@ own policy instance for a decision, exactly like the scheduler: refused requests
 None waits until ``wait_until`` or the next arrival, a cascade decision re-runs the escalated rows at
 ``escalate_to`` right after the batch. A request whose deadline passes in the queue is dropped (the
 server answers 504). Everything random comes from one seeded generator: a seed gives one result.
+
+The front end (HTTP in and out) shares the engine's core when ``request_cost_s`` > 0: at an arrival rate
+of r per second (over the last second) it takes r * request_cost_s of the core, and a batch that needs L
+seconds of engine time takes L / (1 - that share). The policy sees what batches really took through
+``Snapshot.latency_scale``, exactly as the server's scheduler measures it.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from policies.base import Decision, Policy, PowerState, QueuedRequest, Snapshot
+from policies.base import Decision, LatencyScale, Policy, PowerState, QueuedRequest, Snapshot
 from policies.energy import EnergyWindow, PowerModel
 from policies.profile import Profile
 from policies.traces import Trace
@@ -44,6 +50,7 @@ class SimConfig:
     window_s: float = 1.0
     budget_w: float | None = None  # reported to the policy in the power state
     cascade: CascadeOutcome | None = None
+    request_cost_s: float = 0.0  # front-end CPU per request on the engine's core (see the module doc)
 
 
 @dataclass
@@ -105,6 +112,14 @@ class _Replica:
         self.window = EnergyWindow(config.window_s, config.power_model.idle_w)
         self.segments: list[tuple[float, float, float]] = []  # (start, end, busy joules)
         self.wake_at: float | None = None
+        self.arrivals: deque[float] = deque()  # arrival times of the last second
+        self.scale = LatencyScale()
+
+    def slowdown(self, now: float, request_cost_s: float) -> float:
+        """Engine time -> wall time while the front end takes its share of the core."""
+        while self.arrivals and self.arrivals[0] <= now - 1.0:
+            self.arrivals.popleft()
+        return 1.0 / (1.0 - min(0.9, len(self.arrivals) * request_cost_s))
 
     def load(self) -> int:
         return len(self.queue) + (1 if self.busy_until is not None else 0)
@@ -120,6 +135,8 @@ def simulate(
         raise ValueError(f"replicas must be >= 1, got {config.replicas}")
     if config.max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {config.max_batch_size}")
+    if not 0.0 <= config.request_cost_s < 1.0:
+        raise ValueError(f"request_cost_s must be in [0, 1) seconds, got {config.request_cost_s}")
     rng = np.random.default_rng(config.seed)
     latency = profile.latency
     accuracy = profile.accuracy
@@ -175,6 +192,7 @@ def simulate(
             max_batch_size=config.max_batch_size,
             default_bits=config.default_bits,
             power=power_state(rep, now),
+            latency_scale=rep.scale.value,
         )
         decision: Decision = rep.policy.decide(snapshot)
         drop = set(decision.reject)
@@ -196,16 +214,19 @@ def simulate(
         batch = [requests[i] for i in decision.requests]
         images = sum(r.size for r in batch)
         bits = decision.bits
-        end = now + latency.latency(bits, images)
+        engine_s = latency.latency(bits, images)
         busy = model.busy_energy(latency, bits, images)
         escalate = np.zeros(len(batch), dtype=bool)
         if decision.escalate_below is not None and decision.escalate_to is not None and config.cascade:
             escalate = rng.random(len(batch)) < config.cascade.escalated_fraction
             k = int(escalate.sum())
             if k:
-                end += latency.latency(decision.escalate_to, k)
+                engine_s += latency.latency(decision.escalate_to, k)
                 busy += model.busy_energy(latency, decision.escalate_to, k)
                 escalated_rows += k
+        wall_s = engine_s * rep.slowdown(now, config.request_cost_s)
+        rep.scale.observe(wall_s, engine_s)
+        end = now + wall_s
         for req, up in zip(batch, escalate, strict=True):
             finish[req.id] = end
             if decision.escalate_to is not None and config.cascade is not None:
@@ -235,6 +256,7 @@ def simulate(
             )
             requests[payload] = req
             rep = min(replicas, key=lambda r: (r.load(), r.index))
+            rep.arrivals.append(now)
             key = (req.priority, req.deadline if req.deadline is not None else float("inf"), req.arrival, req.id)
             bisect.insort(rep.queue, (key, req), key=lambda item: item[0])
             dispatch(rep, now)

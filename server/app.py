@@ -145,7 +145,6 @@ def build_runtime(
         profile_data, source = _profile_dict(model, settings)
     try:  # the simulator's parser: both read a profile the same way
         parsed = parse_profile(profile_data, source, accuracy=model.accuracy("test"))
-        parsed = parsed.with_request_cost(settings.request_cost_us / 1e6)
     except ProfileError as exc:
         raise SettingsError(f"invalid setting profile_path: {exc}") from None
     profile, accuracy = parsed.latency, parsed.accuracy

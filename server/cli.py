@@ -88,7 +88,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
                 accuracy = artifact.load(args.model).accuracy("test")
             prof = profile.load_profile(path, accuracy)
-        prof = prof.with_request_cost(args.request_cost_us / 1e6)
         if not prof.accuracy:
             raise profile.ProfileError(f"{prof.source}: no accuracy per bits in the profile or the model manifest")
         outcome = None
@@ -123,6 +122,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             window_s=args.window_s,
             budget_w=budget,
             cascade=outcome,
+            request_cost_s=args.request_cost_us / 1e6,
         )
         result = simulator.simulate(lambda: build_policy(args.policy, options), trace, prof, config)
     except (profile.ProfileError, traces.TraceError, PolicyError, OSError, TypeError, ValueError) as exc:
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-cost-us",
         type=float,
         default=0.0,
-        help="front-end CPU per request on the engine's cores (HTTP in and out), added to every batch",
+        help="front-end CPU per request on the engine's core (HTTP in and out): slows batches as arrivals rise",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_simulate)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from policies.base import Decision, LatencyProfile, Policy, PowerState, QueuedRequest, Snapshot
+from policies.base import Decision, LatencyProfile, LatencyScale, Policy, PowerState, QueuedRequest, Snapshot
 from policies.fixed import FixedPolicy
 from server.metrics import Metrics, bits_label
 from server.protocol import RequestOptions
@@ -136,6 +136,7 @@ class Scheduler:
     ):
         self.engine = engine
         self.profile = profile
+        self._latency_scale = LatencyScale()  # observed / profiled batch latency, fed by every batch
         self.config = config
         self.metrics = metrics
         self.power_meter = power_meter
@@ -267,11 +268,15 @@ class Scheduler:
         self._kick()
         return pending.future
 
-    def _latency(self, bits: int, size: int) -> float:
+    def _profiled(self, bits: int, size: int) -> float:
         try:
             return self.profile.latency(bits, size)
         except KeyError:
             return 0.0
+
+    def _latency(self, bits: int, size: int) -> float:
+        """What a batch is expected to take now: the profile, scaled as the policies scale it."""
+        return self._profiled(bits, size) * self._latency_scale.value
 
     def _retry_after(self) -> int:
         images = sum(p.request.size for p in self._queue)
@@ -347,6 +352,7 @@ class Scheduler:
             now=now,
             queue=tuple(p.request for p in self._queue),
             profile=self.profile,
+            latency_scale=self._latency_scale.value,
             accuracy=self.config.accuracy,
             max_batch_size=self.config.max_batch_size,
             default_bits=self.config.default_bits,
@@ -460,6 +466,8 @@ class Scheduler:
         series = self._series(bits)
         self._batch_counter(bits, reason).inc()
         series.compute.observe(seconds)
+        self._latency_scale.observe(seconds, self._profiled(bits, images))
+        self.metrics.latency_scale.set(self._latency_scale.value)
         series.batch_size.observe(images)
         series.images.inc(images)
         self._track_accuracy(bits, images)

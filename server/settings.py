@@ -48,13 +48,6 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/policy; unset: admin API off")
     profile_path: Path | None = Field(None, description="latency profile JSON (default: beside the model)")
     profile_on_start: bool = Field(False, description="profile the engine at start when no matching profile exists")
-    request_cost_us: float = Field(
-        0.0,
-        ge=0.0,
-        le=1_000_000.0,
-        description="front-end CPU per request on the engine's cores, added to the profile's batch latencies "
-        "(0 when HTTP has cores of its own; bench/bench_server.py measures it)",
-    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     shutdown_grace_s: float = Field(0.0, ge=0.0, le=300.0, description="readiness false this long before draining")
     log_level: str = Field("info", pattern=r"^(critical|error|warning|info|debug|trace)$")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from policies.base import Decision, PowerState, QueuedRequest, Snapshot
+from policies.base import Decision, LatencyScale, PowerState, QueuedRequest, Snapshot
 from policies.profile import standin_profile
 from policies.registry import PolicyError, build_policy, names
 
@@ -96,6 +96,26 @@ def test_slo_moves_down_under_load_and_keeps_every_deadline_it_can() -> None:
     s = snap([req(i, arrival=0.0, slo_ms=40) for i in range(120)], now=0.0)
     decision = checked(build("slo").decide(s), s)
     assert decision.bits == 1 and decision.reject == tuple(range(105, 120))
+
+
+def test_slo_plans_with_the_observed_latency_scale() -> None:
+    """Batches lately took 3x the profile (a busy core): fp32 (3.5 ms -> 10.5) no longer fits 8 ms of
+    slack, 8 bits (1.9 -> 5.7) does."""
+    s = snap([req(0, slo_ms=8 + 2.0)])
+    assert checked(build("slo").decide(s), s).bits == 32
+    slow = dataclasses.replace(s, latency_scale=3.0)
+    assert checked(build("slo").decide(slow), slow).bits == 5
+
+
+def test_latency_scale_follows_observed_over_profiled_within_bounds() -> None:
+    scale = LatencyScale(weight=0.5)
+    scale.observe(observed_s=0.02, profiled_s=0.01)
+    assert scale.value == pytest.approx(1.5)
+    for _ in range(50):
+        scale.observe(observed_s=1.0, profiled_s=0.01)  # a stall: bounded, not 100x
+    assert scale.value == pytest.approx(scale.high)
+    scale.observe(observed_s=0.01, profiled_s=0.0)  # bits without a profile row: ignored
+    assert scale.value == pytest.approx(scale.high)
 
 
 def test_slo_best_effort_hint_is_an_upper_wish() -> None:

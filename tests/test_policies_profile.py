@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from policies.base import LatencyProfile
-from policies.profile import ProfileError, load_profile, pareto_bits, parse_profile, standin_document, standin_profile
+from policies.profile import ProfileError, load_profile, pareto_bits, parse_profile, standin_document
 
 
 def write(tmp_path: Path, doc: object) -> Path:
@@ -85,15 +85,3 @@ def test_rows_of_backends_not_chosen_are_ignored():
     }
     profile = parse_profile(doc)
     assert profile.latency.latency(8, 1) == pytest.approx(0.002)
-
-
-def test_request_cost_adds_front_end_work_per_request():
-    base = standin_profile()
-    costly = base.with_request_cost(0.0005)
-    for bits, batch in [(1, 1), (8, 32), (32, 7)]:
-        assert costly.latency.latency(bits, batch) == pytest.approx(base.latency.latency(bits, batch) + batch * 0.0005)
-        assert costly.latency.cpu(bits, batch) == pytest.approx(base.latency.cpu(bits, batch) + batch * 0.0005)
-    assert costly.latency.pareto == base.latency.pareto and costly.accuracy == base.accuracy
-    assert base.with_request_cost(0.0) is base
-    with pytest.raises(ProfileError, match="request cost"):
-        base.with_request_cost(-1.0)

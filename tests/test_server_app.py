@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -241,6 +243,29 @@ def test_deadline_passing_in_queue_answers_504_without_compute() -> None:
             assert all(2 not in firsts for _, firsts in engine.calls)  # never computed
             metrics = (await c.get("/metrics")).text
             assert 'apserve_requests_total{bits="none",outcome="timeout"} 1.0' in metrics
+
+    run(test)
+
+
+class SlowEngine(GatedEngine):
+    """Every batch takes 20 ms: 10x what the test profile says for one image."""
+
+    def run(self, batch: np.ndarray, bits: int) -> np.ndarray:
+        time.sleep(0.02)
+        return super().run(batch, bits)
+
+
+def test_batches_slower_than_the_profile_raise_the_planned_latency() -> None:
+    async def test() -> None:
+        async with serving(SlowEngine()) as c:
+            fits = body(parameters={"slo_ms": 6})  # 2 ms by the profile: admitted while the profile holds
+            assert (await c.post(INFER, json=fits)).status_code in (200, 504)
+            for _ in range(12):
+                assert (await c.post(INFER, json=body())).status_code == 200
+            scale = re.search(r"^apserve_latency_scale_ratio (\S+)$", (await c.get("/metrics")).text, re.M)
+            assert scale is not None and float(scale.group(1)) > 3.0
+            r = await c.post(INFER, json=fits)  # now planned at > 6 ms: refused before compute
+            assert r.status_code == 503 and "cannot be met" in r.json()["error"]
 
     run(test)
 

@@ -4,6 +4,7 @@ thousands), the power cap, CSV traces and the `apserve simulate` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -57,6 +58,19 @@ def test_spike_slo_keeps_deadlines_fixed8_does_not(spike) -> None:  # type: igno
     acc8 = PROFILE.accuracy[8]
     assert slo.served_accuracy >= acc8 - 0.015, slo.as_dict()
     assert set(slo.bits_served) > {"1"}  # it moved down for the spike and back up after
+
+
+def test_front_end_cost_slows_batches_and_the_policy_adapts() -> None:
+    """The HTTP front end on the engine's core (18 % of it at this load): fixed 8 bits, near capacity without
+    it, falls behind; slo sees the slowdown through the latency scale, keeps its deadlines, and pays in
+    accuracy instead."""
+    trace = generate("poisson", CAPACITY, seed=2, duration=30.0 * SLOW, load=0.9)
+    config = dataclasses.replace(CONFIG, request_cost_s=0.2 / CAPACITY)
+    free, costly = run("fixed-8", trace), run("fixed-8", trace, config)
+    assert costly.slo_attainment < free.slo_attainment - 0.1
+    slo_free, slo_costly = run("slo", trace), run("slo", trace, config)
+    assert slo_free.slo_attainment >= 0.99 and slo_costly.slo_attainment >= 0.99, slo_costly.as_dict()
+    assert slo_costly.served_accuracy < slo_free.served_accuracy
 
 
 def test_power_policy_holds_the_budget_at_all_times() -> None:
