@@ -117,6 +117,20 @@ class LatencyScale:
             self.value += self.weight * (ratio - self.value)
 
 
+@dataclass
+class AnswerDelay:
+    """Time from a batch's end until its answers are on the wire (encoding, the event loop's backlog),
+    lately: follows rises at once and falls slowly, so it tracks the high end rather than the mean."""
+
+    up: float = 0.5
+    down: float = 0.05
+    value: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        if seconds >= 0.0:
+            self.value += (self.up if seconds > self.value else self.down) * (seconds - self.value)
+
+
 @dataclass(frozen=True)
 class PowerState:
     budget_w: float | None  # None: no budget
@@ -137,6 +151,7 @@ class Snapshot:
     default_bits: int = 8
     power: PowerState | None = None
     latency_scale: float = 1.0  # LatencyScale.value: planned latency = profile x this
+    answer_delay_s: float = 0.0  # AnswerDelay.value: kept free before every deadline, beside the margin
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ class Planner:
     def __init__(self, snapshot: Snapshot, margin_s: float = 0.0):
         self.snap = snapshot
         self.profile = snapshot.profile
-        self.margin_s = margin_s
+        self.margin_s = margin_s + snapshot.answer_delay_s
         self.profiled = set(self.profile.bits)
         self.pareto = tuple(b for b in self.profile.pareto if b in self.profiled)
         self._cands: dict[tuple[int, int, int | None, bool], tuple[int, ...]] = {}

@@ -47,7 +47,7 @@ from policies.registry import PolicyError, build_policy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME, ProtocolError, encode_infer_response, parse_infer
 from server.protocol import parse_options as parse_request_options
-from server.scheduler import Refused, Runner, Scheduler, SchedulerConfig
+from server.scheduler import Outcome, Refused, Runner, Scheduler, SchedulerConfig
 from server.settings import Settings, SettingsError
 
 log = logging.getLogger("apserve.app")
@@ -490,8 +490,9 @@ class _InferEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt: Runtime = self.app.state.runtime
+        received = time.monotonic()
         try:
-            content, headers = await self._infer(rt, scope, receive)
+            content, headers, outcome = await self._infer(rt, scope, receive, received)
         except ClientDisconnect:
             return  # nobody to answer
         except ProtocolError as exc:
@@ -506,8 +507,11 @@ class _InferEndpoint:
             return
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+        rt.scheduler.answer_sent(outcome)
 
-    async def _infer(self, rt: Runtime, scope: Scope, receive: Receive) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    async def _infer(
+        self, rt: Runtime, scope: Scope, receive: Receive, received: float
+    ) -> tuple[bytes, list[tuple[bytes, bytes]], Outcome]:
         _check_model(rt, scope["path_params"]["model_name"])
         declared = header_length = None
         for name, value in scope["headers"]:
@@ -522,7 +526,7 @@ class _InferEndpoint:
             max_batch_size=rt.settings.max_batch_size,
             priority_levels=rt.settings.priority_levels,
         )
-        outcome = await rt.scheduler.submit(parsed.images, parsed.options)
+        outcome = await rt.scheduler.submit(parsed.images, parsed.options, received)
         params = {
             "bits": outcome.bits,
             "queue_us": outcome.queue_us,
@@ -535,7 +539,7 @@ class _InferEndpoint:
         media = b"application/octet-stream" if parsed.binary_output else b"application/json"
         headers = [(b"content-length", str(len(content)).encode()), (b"content-type", media)]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
-        return content, headers
+        return content, headers, outcome
 
 
 def _add_infer_route(app: _App) -> None:

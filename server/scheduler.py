@@ -23,7 +23,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from policies.base import Decision, LatencyProfile, LatencyScale, Policy, PowerState, QueuedRequest, Snapshot
+from policies.base import (
+    AnswerDelay,
+    Decision,
+    LatencyProfile,
+    LatencyScale,
+    Policy,
+    PowerState,
+    QueuedRequest,
+    Snapshot,
+)
 from policies.fixed import FixedPolicy
 from server.metrics import Metrics, bits_label
 from server.protocol import RequestOptions
@@ -60,6 +69,7 @@ class Outcome:
     queue_us: int
     compute_us: int
     batch_size: int
+    batch_end: float = 0.0  # time.monotonic() when the engine returned this request's (last) batch
 
 
 @dataclass(eq=False, slots=True)
@@ -137,6 +147,7 @@ class Scheduler:
         self.engine = engine
         self.profile = profile
         self._latency_scale = LatencyScale()  # observed / profiled batch latency, fed by every batch
+        self._answer_delay = AnswerDelay()  # from a batch's end to its answers sent, fed by the endpoints
         self.config = config
         self.metrics = metrics
         self.power_meter = power_meter
@@ -220,15 +231,19 @@ class Scheduler:
         can = ", ".join(str(b) for b in self._policy_bits())
         return Refused(422, "strict_unservable", f"{wish} cannot be served: policy {self._policy.name} runs bits {can}")
 
-    def submit(self, images: np.ndarray, options: RequestOptions) -> asyncio.Future[Outcome]:
-        """Admit a request or raise ``Refused`` at once. The future resolves with an ``Outcome`` or ``Refused``."""
+    def submit(
+        self, images: np.ndarray, options: RequestOptions, received: float | None = None
+    ) -> asyncio.Future[Outcome]:
+        """Admit a request or raise ``Refused`` at once. The future resolves with an ``Outcome`` or ``Refused``.
+        ``received``: when the request started to arrive (time.monotonic(), the loop's clock); its deadline
+        counts from there, so the time spent reading and parsing it is not free."""
         try:
-            return self._admit(images, options)
+            return self._admit(images, options, received)
         except Refused as refusal:  # refused at admission: counted like a refusal from the queue
             self._count_refusal(refusal)
             raise
 
-    def _admit(self, images: np.ndarray, options: RequestOptions) -> asyncio.Future[Outcome]:
+    def _admit(self, images: np.ndarray, options: RequestOptions, received: float | None) -> asyncio.Future[Outcome]:
         assert self._loop is not None, "scheduler not started"
         if self._closing:
             raise Refused(503, "shutdown", "server is shutting down; retry on another replica", retry_after=1)
@@ -237,12 +252,13 @@ class Scheduler:
                 429, "queue_full", f"queue is full ({self.config.max_queue_size} requests)", self._retry_after()
             )
         now = self._loop.time()
+        arrival = now if received is None else min(now, received)
         hint = options.hint
         timeout = options.timeout_s if options.timeout_s is not None else self.config.default_timeout_s
         req = QueuedRequest(
             id=next(self._ids),
-            arrival=now,
-            deadline=None if timeout is None else now + timeout,
+            arrival=arrival,
+            deadline=None if timeout is None else arrival + timeout,
             min_bits=hint.min_bits,
             max_bits=hint.max_bits,
             preferred_bits=hint.preferred,
@@ -273,6 +289,12 @@ class Scheduler:
             return self.profile.latency(bits, size)
         except KeyError:
             return 0.0
+
+    def answer_sent(self, outcome: Outcome) -> None:
+        """An endpoint finished sending ``outcome``: how long after its batch ended (encoding, the event
+        loop's backlog) is time the policies must keep free before every deadline."""
+        if outcome.batch_end > 0.0:
+            self._answer_delay.observe(time.monotonic() - outcome.batch_end)
 
     def _latency(self, bits: int, size: int) -> float:
         """What a batch is expected to take now: the profile, scaled as the policies scale it."""
@@ -353,6 +375,7 @@ class Scheduler:
             queue=tuple(p.request for p in self._queue),
             profile=self.profile,
             latency_scale=self._latency_scale.value,
+            answer_delay_s=self._answer_delay.value,
             accuracy=self.config.accuracy,
             max_batch_size=self.config.max_batch_size,
             default_bits=self.config.default_bits,
@@ -461,7 +484,7 @@ class Scheduler:
                 if not pending.future.done():
                     pending.future.set_exception(Refused(500, "error", f"engine failed: {result}"))
             return
-        logits, seconds, _ = result
+        logits, seconds, end = result
         images = int(logits.shape[0])
         series = self._series(bits)
         self._batch_counter(bits, reason).inc()
@@ -500,7 +523,7 @@ class Scheduler:
                 self.metrics.slo_violations.inc()
             if not pending.future.done():
                 pending.future.set_result(
-                    Outcome(rows, bits, int(1e6 * pending.queue_s), int(1e6 * pending.compute_s), images)
+                    Outcome(rows, bits, int(1e6 * pending.queue_s), int(1e6 * pending.compute_s), images, end)
                 )
 
     def _series(self, bits: int) -> _BitsSeries:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from policies.base import Decision, LatencyScale, PowerState, QueuedRequest, Snapshot
+from policies.base import AnswerDelay, Decision, LatencyScale, PowerState, QueuedRequest, Snapshot
 from policies.profile import standin_profile
 from policies.registry import PolicyError, build_policy, names
 
@@ -105,6 +105,21 @@ def test_slo_plans_with_the_observed_latency_scale() -> None:
     assert checked(build("slo").decide(s), s).bits == 32
     slow = dataclasses.replace(s, latency_scale=3.0)
     assert checked(build("slo").decide(slow), slow).bits == 5
+
+
+def test_slo_keeps_the_observed_answer_delay_free_before_deadlines() -> None:
+    """Answers lately left 5 ms after their batch: of 8 ms of slack 3 remain, fp32 (3.5) no longer fits."""
+    s = snap([req(0, slo_ms=8 + 2.0)])
+    late = dataclasses.replace(s, answer_delay_s=0.005)
+    assert checked(build("slo").decide(late), late).bits == 5
+
+
+def test_answer_delay_rises_at_once_and_falls_slowly() -> None:
+    delay = AnswerDelay(up=0.5, down=0.1)
+    delay.observe(0.010)
+    assert delay.value == pytest.approx(0.005)
+    delay.observe(0.0)
+    assert delay.value == pytest.approx(0.0045)
 
 
 def test_latency_scale_follows_observed_over_profiled_within_bounds() -> None:

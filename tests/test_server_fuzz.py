@@ -65,7 +65,9 @@ def test_no_5xx_and_no_hang(server_url: str) -> None:
             for headers in ({"Authorization": "Bearer fuzz-token"}, None) if admin else (None,):
                 response = case.call(base_url=server_url, headers=headers, timeout=10)
                 where = f"{case.method} {case.formatted_path}"
-                assert response.status_code < 500, f"{where}: {response.status_code} {response.text[:300]}"
+                # 503/504 are the answers to a deadline (a fuzzed `timeout` of a few µs) that cannot be met
+                deadline = response.status_code in (503, 504) and "deadline" in response.text
+                assert response.status_code < 500 or deadline, f"{where}: {response.status_code} {response.text[:300]}"
                 if response.status_code >= 400:
                     assert "error" in response.json(), f"{where}: {response.text[:300]}"
 
