@@ -14,6 +14,7 @@ import bisect
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -439,6 +440,7 @@ class Scheduler:
     def _work(self) -> None:
         """A worker thread: run batches; hand each result back to the event loop."""
         assert self._loop is not None
+        yield_to_event_loop()
         while (job := self._jobs.get()) is not None:
             try:
                 result: _Result | BaseException = _compute(self.engine, [p.images for p in job.batch], job.bits)
@@ -567,6 +569,24 @@ def _top_probability(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     return np.asarray(p.max(axis=1) / p.sum(axis=1))
+
+
+def yield_to_event_loop() -> None:
+    """Run the calling (worker) thread below the event loop: on a core shared by both, parsing a request
+    or sending an answer must not wait for a batch to finish (under SCHED_FIFO it would wait the whole
+    batch; under the default scheduler half of it). Lowering one's own priority needs no privilege; where
+    the OS refuses, the thread runs as it is."""
+    tid = threading.get_native_id()
+    try:
+        policy = os.sched_getscheduler(tid)
+        if policy in (os.SCHED_FIFO, os.SCHED_RR):
+            priority = os.sched_getparam(tid).sched_priority
+            if priority > 1:
+                os.sched_setscheduler(tid, policy, os.sched_param(priority - 1))
+        else:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 5))
+    except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that forbids it
+        log.debug("worker thread keeps its priority: %s", exc)
 
 
 def _compute(engine: Runner, arrays: list[np.ndarray], bits: int) -> _Result:

@@ -4,6 +4,8 @@ wait_until, escalate_below/escalate_to), snapshots are in priority/EDF order, dr
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,7 +15,7 @@ import pytest
 from policies.base import ALL_BITS, Decision, LatencyProfile, Snapshot
 from server.metrics import Metrics
 from server.protocol import Hint, RequestOptions
-from server.scheduler import Refused, Scheduler, SchedulerConfig
+from server.scheduler import Refused, Scheduler, SchedulerConfig, yield_to_event_loop
 
 PROFILE = LatencyProfile(table={(b, 1): 0.001 for b in ALL_BITS})
 
@@ -156,3 +158,22 @@ def test_snapshot_queue_is_priority_then_deadline_order() -> None:
             scheduler.submit(_image(5), OPTIONS)
 
     asyncio.run(test())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling calls")
+def test_worker_threads_run_below_the_event_loop() -> None:
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        yield_to_event_loop()
+        seen["before"], seen["after"] = before, os.getpriority(os.PRIO_PROCESS, tid)
+
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        pytest.skip("the test process runs under a real-time policy")
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["after"] == min(19, seen["before"] + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == seen["before"]  # the caller is unchanged
