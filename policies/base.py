@@ -100,35 +100,63 @@ class LatencyProfile:
 
 
 @dataclass
-class LatencyScale:
-    """How much longer batches take than the profile says, lately: an exponentially weighted mean of
-    observed / profiled latency over finished batches. The profile measures the engine alone; in service
-    the same cores also parse HTTP, encode replies and run whatever else the machine runs, and that share
-    grows with the load. The server and the simulator both feed it and hand ``value`` to the policy."""
+class _Recent:
+    """A recent level of some observed quantity: exponential smoothing over observations (weight ``up``
+    when the new value is higher, ``down`` when lower), relaxing toward ``neutral`` with the half-life
+    ``half_life_s`` while nothing is observed. The relaxation matters: a pessimistic level that makes the
+    policy refuse everything would otherwise never see the observation that corrects it."""
 
-    weight: float = 0.2  # of the newest batch
-    low: float = 0.5
-    high: float = 4.0
-    value: float = 1.0
+    neutral: float
+    up: float
+    down: float
+    half_life_s: float = 2.0
+    level: float = float("nan")
+    at: float = 0.0
 
-    def observe(self, observed_s: float, profiled_s: float) -> None:
-        if profiled_s > 0.0 and observed_s >= 0.0:
-            ratio = min(self.high, max(self.low, observed_s / profiled_s))
-            self.value += self.weight * (ratio - self.value)
+    def value(self, now: float) -> float:
+        if self.level != self.level:  # nothing observed yet
+            return self.neutral
+        fade = 0.5 ** (max(0.0, now - self.at) / self.half_life_s)
+        return self.neutral + (self.level - self.neutral) * fade
+
+    def _observe(self, x: float, now: float) -> None:
+        current = self.value(now)
+        self.level = current + (self.up if x > current else self.down) * (x - current)
+        self.at = now
 
 
 @dataclass
-class AnswerDelay:
+class LatencyScale(_Recent):
+    """How much longer batches take than the profile says, lately (observed / profiled, bounded). The
+    profile measures the engine alone; in service the same cores also parse HTTP, encode replies and run
+    whatever else the machine runs, and that share grows with the load. The server and the simulator both
+    feed it and hand ``value(now)`` to the policy (``Snapshot.latency_scale``)."""
+
+    neutral: float = 1.0
+    up: float = 0.2
+    down: float = 0.2
+    low: float = 0.5
+    high: float = 4.0
+
+    def observe(self, observed_s: float, profiled_s: float, now: float) -> None:
+        if profiled_s > 0.0 and observed_s >= 0.0:
+            self._observe(min(self.high, max(self.low, observed_s / profiled_s)), now)
+
+
+@dataclass
+class AnswerDelay(_Recent):
     """Time from a batch's end until its answers are on the wire (encoding, the event loop's backlog),
-    lately: follows rises at once and falls slowly, so it tracks the high end rather than the mean."""
+    lately: rises faster than it falls, to track the high end rather than the mean; bounded so that one
+    stall cannot make every deadline look hopeless (``Snapshot.answer_delay_s``)."""
 
-    up: float = 0.5
-    down: float = 0.05
-    value: float = 0.0
+    neutral: float = 0.0
+    up: float = 0.1
+    down: float = 0.02
+    high: float = 0.02
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, now: float) -> None:
         if seconds >= 0.0:
-            self.value += (self.up if seconds > self.value else self.down) * (seconds - self.value)
+            self._observe(min(self.high, seconds), now)
 
 
 @dataclass(frozen=True)
@@ -150,8 +178,8 @@ class Snapshot:
     max_batch_size: int
     default_bits: int = 8
     power: PowerState | None = None
-    latency_scale: float = 1.0  # LatencyScale.value: planned latency = profile x this
-    answer_delay_s: float = 0.0  # AnswerDelay.value: kept free before every deadline, beside the margin
+    latency_scale: float = 1.0  # LatencyScale.value(now): planned latency = profile x this
+    answer_delay_s: float = 0.0  # AnswerDelay.value(now): kept free before every deadline, beside the margin
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def simulate(
             max_batch_size=config.max_batch_size,
             default_bits=config.default_bits,
             power=power_state(rep, now),
-            latency_scale=rep.scale.value,
+            latency_scale=rep.scale.value(now),
         )
         decision: Decision = rep.policy.decide(snapshot)
         drop = set(decision.reject)
@@ -225,7 +225,7 @@ def simulate(
                 busy += model.busy_energy(latency, decision.escalate_to, k)
                 escalated_rows += k
         wall_s = engine_s * rep.slowdown(now, config.request_cost_s)
-        rep.scale.observe(wall_s, engine_s)
+        rep.scale.observe(wall_s, engine_s, now + wall_s)
         end = now + wall_s
         for req, up in zip(batch, escalate, strict=True):
             finish[req.id] = end

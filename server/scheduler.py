@@ -295,11 +295,12 @@ class Scheduler:
         """An endpoint finished sending ``outcome``: how long after its batch ended (encoding, the event
         loop's backlog) is time the policies must keep free before every deadline."""
         if outcome.batch_end > 0.0:
-            self._answer_delay.observe(time.monotonic() - outcome.batch_end)
+            now = time.monotonic()
+            self._answer_delay.observe(now - outcome.batch_end, now)
 
     def _latency(self, bits: int, size: int) -> float:
         """What a batch is expected to take now: the profile, scaled as the policies scale it."""
-        return self._profiled(bits, size) * self._latency_scale.value
+        return self._profiled(bits, size) * self._latency_scale.value(time.monotonic())
 
     def _retry_after(self) -> int:
         images = sum(p.request.size for p in self._queue)
@@ -375,8 +376,8 @@ class Scheduler:
             now=now,
             queue=tuple(p.request for p in self._queue),
             profile=self.profile,
-            latency_scale=self._latency_scale.value,
-            answer_delay_s=self._answer_delay.value,
+            latency_scale=self._latency_scale.value(now),
+            answer_delay_s=self._answer_delay.value(now),
             accuracy=self.config.accuracy,
             max_batch_size=self.config.max_batch_size,
             default_bits=self.config.default_bits,
@@ -491,8 +492,8 @@ class Scheduler:
         series = self._series(bits)
         self._batch_counter(bits, reason).inc()
         series.compute.observe(seconds)
-        self._latency_scale.observe(seconds, self._profiled(bits, images))
-        self.metrics.latency_scale.set(self._latency_scale.value)
+        self._latency_scale.observe(seconds, self._profiled(bits, images), end)
+        self.metrics.latency_scale.set(self._latency_scale.value(end))
         series.batch_size.observe(images)
         series.images.inc(images)
         self._track_accuracy(bits, images)

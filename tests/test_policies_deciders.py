@@ -114,23 +114,37 @@ def test_slo_keeps_the_observed_answer_delay_free_before_deadlines() -> None:
     assert checked(build("slo").decide(late), late).bits == 5
 
 
-def test_answer_delay_rises_at_once_and_falls_slowly() -> None:
+def test_answer_delay_rises_faster_than_it_falls_and_is_bounded() -> None:
     delay = AnswerDelay(up=0.5, down=0.1)
-    delay.observe(0.010)
-    assert delay.value == pytest.approx(0.005)
-    delay.observe(0.0)
-    assert delay.value == pytest.approx(0.0045)
+    delay.observe(0.010, now=0.0)
+    assert delay.value(0.0) == pytest.approx(0.005)
+    delay.observe(0.0, now=0.0)
+    assert delay.value(0.0) == pytest.approx(0.0045)
+    delay.observe(10.0, now=0.0)  # one stall: bounded
+    assert delay.value(0.0) <= delay.high
 
 
 def test_latency_scale_follows_observed_over_profiled_within_bounds() -> None:
-    scale = LatencyScale(weight=0.5)
-    scale.observe(observed_s=0.02, profiled_s=0.01)
-    assert scale.value == pytest.approx(1.5)
+    scale = LatencyScale(up=0.5, down=0.5)
+    scale.observe(observed_s=0.02, profiled_s=0.01, now=0.0)
+    assert scale.value(0.0) == pytest.approx(1.5)
     for _ in range(50):
-        scale.observe(observed_s=1.0, profiled_s=0.01)  # a stall: bounded, not 100x
-    assert scale.value == pytest.approx(scale.high)
-    scale.observe(observed_s=0.01, profiled_s=0.0)  # bits without a profile row: ignored
-    assert scale.value == pytest.approx(scale.high)
+        scale.observe(observed_s=1.0, profiled_s=0.01, now=0.0)  # a stall: bounded, not 100x
+    assert scale.value(0.0) == pytest.approx(scale.high)
+    scale.observe(observed_s=0.01, profiled_s=0.0, now=0.0)  # bits without a profile row: ignored
+    assert scale.value(0.0) == pytest.approx(scale.high)
+
+
+def test_recent_levels_relax_when_nothing_is_observed() -> None:
+    """A pessimistic level that makes the policy refuse everything sees no batch that would correct it:
+    it must fade by itself."""
+    scale, delay = LatencyScale(), AnswerDelay()
+    for _ in range(30):
+        scale.observe(4.0, 1.0, now=10.0)
+        delay.observe(0.02, now=10.0)
+    assert scale.value(10.0) > 3.5 and delay.value(10.0) > 0.015
+    assert scale.value(10.0 + 2 * scale.half_life_s) == pytest.approx(1.0 + (scale.value(10.0) - 1.0) / 4)
+    assert delay.value(10.0 + 20 * delay.half_life_s) < 1e-6
 
 
 def test_slo_best_effort_hint_is_an_upper_wish() -> None:
