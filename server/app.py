@@ -152,6 +152,10 @@ def build_runtime(
     servable = tuple(b for b in model.bits if b in profiled)
     if settings.default_bits not in servable:
         raise SettingsError(f"invalid setting default_bits: {settings.default_bits} is not servable {servable}")
+    warm = getattr(runner, "warm", None)
+    if warm is not None:  # sessions for the bits the policies choose by themselves: not the first request's cost
+        for bits in sorted({*(b for b in profile.pareto if b in servable), settings.default_bits}):
+            warm(bits)
     metrics = Metrics()
     meter = _power_meter(settings, profile)
     config = SchedulerConfig(

@@ -270,6 +270,27 @@ def test_batches_slower_than_the_profile_raise_the_planned_latency() -> None:
     run(test)
 
 
+class WarmedEngine(GatedEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.warmed: list[int] = []
+
+    def warm(self, bits: int) -> None:
+        self.warmed.append(bits)
+
+
+def test_bits_the_policies_choose_are_warmed_before_the_first_request() -> None:
+    async def test() -> None:
+        engine = WarmedEngine()
+        async with serving(engine) as c:
+            assert (await c.get("/v2/health/ready")).status_code == 200
+            # the test profile: every bits equally fast, fp32 the most accurate -> Pareto {32}; default 8
+            assert sorted(engine.warmed) == [8, 32]
+            assert engine.calls == []
+
+    run(test)
+
+
 def test_impossible_deadline_is_refused_at_once() -> None:
     async def test() -> None:
         engine = GatedEngine()
