@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from loadtest.runner import Server
 
 APSERVE = Path(sys.executable).with_name("apserve")
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def loadtest(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -34,32 +26,12 @@ def loadtest(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[st
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APSERVE_")}
-    env.update(APSERVE_PORT=str(port), APSERVE_POLICY="hint")
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(APSERVE), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = Server("hint", tmp_path_factory.mktemp("server") / "server.log", None, {})
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "apserve serve exited"
-            try:
-                if httpx.get(f"{url}/v2/health/ready").is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "apserve serve not ready"
-            time.sleep(0.2)
-        yield url
+        server.wait_ready(90)
+        yield server.url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()
 
 
 def test_loadtest_starts_a_server_and_writes_a_sane_report(tmp_path: Path) -> None:

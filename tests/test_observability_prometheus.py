@@ -7,12 +7,9 @@ this server and a 1 s scrape. Every Grafana panel's query must come back `succes
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +22,7 @@ import pytest
 import yaml
 
 from loadtest.protocol import encode_infer, request_parameters
+from loadtest.runner import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -36,12 +34,6 @@ RATE_INTERVAL = f"{4 * SCRAPE_S}s"  # Grafana's $__rate_interval is at least 4 s
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None or PROMTOOL is None, reason="prometheus missing: `make test` installs Debian's prometheus"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
@@ -133,19 +125,14 @@ def prometheus_config(target: str, tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("observability")
-    port, prom_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APSERVE_")}
-    env.update(APSERVE_PORT=str(port), APSERVE_HOST="127.0.0.1", APSERVE_POLICY="hint", APSERVE_SLO_MS="2000")
-    server_log = open(tmp / "server.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("apserve")), "serve"], env=env, stdout=server_log, stderr=subprocess.STDOUT
-    )
+    prom_port = free_port()
+    server = Server("hint", tmp / "server.log", None, {"APSERVE_SLO_MS": "2000"})
     assert PROMETHEUS is not None
     prom_log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115
     prometheus = subprocess.Popen(
         [
             PROMETHEUS,
-            f"--config.file={prometheus_config(f'127.0.0.1:{port}', tmp)}",
+            f"--config.file={prometheus_config(f'127.0.0.1:{server.port}', tmp)}",
             f"--storage.tsdb.path={tmp / 'data'}",
             f"--web.listen-address=127.0.0.1:{prom_port}",
             "--web.enable-lifecycle",
@@ -153,24 +140,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stdout=prom_log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=10)
-    traffic = Traffic(url)
+    traffic = Traffic(server.url)
     try:
-        wait_for("apserve ready", lambda: server.poll() is None and httpx.get(f"{url}/v2/health/ready").is_success)
+        server.wait_ready(90)
         wait_for("prometheus ready", lambda: client.get("/-/ready").is_success)
         traffic.start()
         wait_for(
             "apserve target up",
             lambda: [t for t in client.get("/api/v1/targets").json()["data"]["activeTargets"] if t["health"] == "up"],
         )
-        yield Stack(url, client, traffic)
+        yield Stack(server.url, client, traffic)
     finally:
         traffic.stop()
         client.close()
         stop(prometheus)
-        stop(server)
-        server_log.close()
+        server.stop()
         prom_log.close()
 
 
