@@ -6,7 +6,9 @@
 1. Capacity: fixed-8 saturated by closed-loop Locust users (images/s answered). Front-end cost: fixed-1
    saturated the same way; the core time not spent in the engine, per answered request, is what HTTP
    costs on the server's core. The simulator takes it (--request-cost-us); the servers measure its
-   effect themselves (observed / profiled batch latency, Snapshot.latency_scale).
+   effect themselves (observed / profiled batch latency, Snapshot.latency_scale). The same run gives the
+   part of the client's latency the server cannot see (reading before the request reaches the app,
+   writing after it, the load generator's own delay): its p90 becomes slo's ``margin_ms``.
 2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
@@ -91,6 +93,19 @@ def engine_seconds_and_answers(url: str) -> tuple[float, float]:
             elif sample.name == "apserve_requests_total" and sample.labels.get("outcome") == "ok":
                 answered += sample.value
     return compute, answered
+
+
+def unseen_latency_p90_ms(requests_csv: Path) -> float:
+    """p90 of client latency - (queue_us + compute_us) over the answered requests of a run."""
+    import csv
+
+    with requests_csv.open() as f:
+        gaps = sorted(
+            float(r["latency_ms"]) - (int(r["queue_us"]) + int(r["compute_us"])) / 1e3
+            for r in csv.DictReader(f)
+            if r["status"] == "200" and r["queue_us"] and r["compute_us"]
+        )
+    return gaps[int(0.9 * len(gaps))] if gaps else 2.0
 
 
 def request_cost(work: Path, env: dict[str, str], seconds: float) -> float:
@@ -189,6 +204,7 @@ def main() -> int:
     ap.add_argument("--policies", default="fixed-8,fixed-1,slo,power")
     ap.add_argument("--capacity", type=float, default=None, help="fixed-8 capacity, requests/s (default: measure)")
     ap.add_argument("--request-cost-us", type=float, default=None, help="front-end cost per request (default: measure)")
+    ap.add_argument("--margin-ms", type=float, default=None, help="slo margin_ms (default: measured, see 1.)")
     ap.add_argument(
         "--power-budget", type=float, default=None, help="watts (default: idle + 60 %% of fixed-8's draw above idle)"
     )
@@ -226,6 +242,13 @@ def main() -> int:
         args.request_cost_us / 1e6 if args.request_cost_us is not None else request_cost(args.work, no_deadline, 10.0)
     )
     print(f"front-end cost: {cost_s * 1e6:.0f} us per request", file=sys.stderr)
+    if args.margin_ms is not None:
+        margin_ms = args.margin_ms
+    elif (work_csv := args.work / "request-cost" / "requests.csv").exists():
+        margin_ms = round(unseen_latency_p90_ms(work_csv), 1)
+    else:
+        margin_ms = 2.0
+    print(f"latency the server cannot see, p90: {margin_ms:g} ms (slo margin_ms)", file=sys.stderr)
 
     base, peak = 0.5 * capacity, 3 * capacity
     shape = build_shape("spike", duration_s=args.duration, base_rps=base, peak_rps=peak)
@@ -243,6 +266,8 @@ def main() -> int:
                 drawn = results.get("fixed-8", {}).get("max_power_w")
                 budget = round(IDLE_W + 0.6 * (drawn - IDLE_W), 2) if drawn and drawn > IDLE_W else IDLE_W + 5.0
             options = {"budget_w": budget}
+        elif policy == "slo":
+            options = {"margin_ms": margin_ms}
         opts = LoadtestOptions(
             shape="spike",
             policy=policy,
@@ -283,6 +308,7 @@ def main() -> int:
         "command": "python bench/experiment_spike.py " + " ".join(sys.argv[1:]),
         "capacity_rps": capacity,
         "request_cost_us": cost_s * 1e6,
+        "slo_margin_ms": margin_ms,
         "base_rps": base,
         "peak_rps": peak,
         "duration_s": args.duration,
@@ -300,7 +326,7 @@ def main() -> int:
 
     print(
         f"fixed-8 capacity {capacity:.0f} req/s; spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms; "
-        f"front-end cost {cost_s * 1e6:.0f} us per request"
+        f"front-end cost {cost_s * 1e6:.0f} us per request; slo margin {margin_ms:g} ms"
     )
     print()
     print(
