@@ -37,6 +37,7 @@ from loadtest.shapes import arrivals, build_shape, write_trace  # noqa: E402
 
 SERVER_CPU, LOAD_CPU = "0", "1"
 IDLE_W = 5.0  # the server's power model default (APSERVE_POWER_IDLE_W)
+SLO_DEFAULT_MARGIN_MS = 2.0  # slo's own default, when nothing is measured
 
 
 def server_env(slo_ms: float, profile: Path | None) -> dict[str, str]:
@@ -105,12 +106,13 @@ def unseen_latency_p90_ms(requests_csv: Path) -> float:
             for r in csv.DictReader(f)
             if r["status"] == "200" and r["queue_us"] and r["compute_us"]
         )
-    return gaps[int(0.9 * len(gaps))] if gaps else 2.0
+    return gaps[int(0.9 * len(gaps))] if gaps else SLO_DEFAULT_MARGIN_MS
 
 
-def request_cost(work: Path, env: dict[str, str], seconds: float) -> float:
-    """Seconds of the server core's time per answered request outside the engine, at saturation (fixed-1,
-    where the engine's share is smallest and the front end's matters most)."""
+def request_cost(work: Path, env: dict[str, str], seconds: float) -> tuple[float, float]:
+    """(seconds of the server core's time per answered request outside the engine, p90 ms of the latency
+    the server cannot see), both at saturation (fixed-1, where the engine's share is smallest and the
+    front end's matters most)."""
     server = Server("fixed-1", work / "request-cost-server.log", SERVER_CPU, env)
     try:
         server.wait_ready(120)
@@ -122,7 +124,8 @@ def request_cost(work: Path, env: dict[str, str], seconds: float) -> float:
         compute1, answered1 = engine_seconds_and_answers(server.url)
     finally:
         server.stop()
-    return max(0.0, (wall - (compute1 - compute0)) / max(1.0, answered1 - answered0))
+    cost_s = max(0.0, (wall - (compute1 - compute0)) / max(1.0, answered1 - answered0))
+    return cost_s, round(unseen_latency_p90_ms(work / "request-cost" / "requests.csv"), 1)
 
 
 def simulate(
@@ -238,16 +241,12 @@ def main() -> int:
         )
         capacity = cap["throughput_rps"]
     print(f"fixed-8 capacity: {capacity:.1f} requests/s", file=sys.stderr)
-    cost_s = (
-        args.request_cost_us / 1e6 if args.request_cost_us is not None else request_cost(args.work, no_deadline, 10.0)
-    )
-    print(f"front-end cost: {cost_s * 1e6:.0f} us per request", file=sys.stderr)
-    if args.margin_ms is not None:
-        margin_ms = args.margin_ms
-    elif (work_csv := args.work / "request-cost" / "requests.csv").exists():
-        margin_ms = round(unseen_latency_p90_ms(work_csv), 1)
+    if args.request_cost_us is None:
+        cost_s, measured_margin_ms = request_cost(args.work, no_deadline, 10.0)
     else:
-        margin_ms = 2.0
+        cost_s, measured_margin_ms = args.request_cost_us / 1e6, SLO_DEFAULT_MARGIN_MS
+    margin_ms = args.margin_ms if args.margin_ms is not None else measured_margin_ms
+    print(f"front-end cost: {cost_s * 1e6:.0f} us per request", file=sys.stderr)
     print(f"latency the server cannot see, p90: {margin_ms:g} ms (slo margin_ms)", file=sys.stderr)
 
     base, peak = 0.5 * capacity, 3 * capacity

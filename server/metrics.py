@@ -67,7 +67,6 @@ class Metrics:
             "Recent batch latency over the profiled latency (what policies plan with)",
             registry=r,
         )
-        self.latency_scale.set(1.0)
         self.backend_info = Gauge("apserve_backend_info", "Backend serving each bits", ["bits", "backend"], registry=r)
         self.build_info = Gauge("apserve_build_info", "Build", ["version", "model", "policy"], registry=r)
         for outcome in OUTCOMES:  # so rate() over them exists from the first scrape

@@ -170,7 +170,9 @@ class Scheduler:
         # labelled metric children, looked up once: .labels() costs a few µs per call on the hot path
         self._bits_series: dict[int, _BitsSeries] = {}
         self._batch_counters: dict[tuple[int, str, str], Any] = {}
-        metrics.queue_depth.set_function(lambda: len(self._queue))  # read at scrape time, not kept per request
+        # read at scrape time, not kept per request or per batch
+        metrics.queue_depth.set_function(lambda: len(self._queue))
+        metrics.latency_scale.set_function(lambda: self._latency_scale.value(time.monotonic()))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -493,7 +495,6 @@ class Scheduler:
         self._batch_counter(bits, reason).inc()
         series.compute.observe(seconds)
         self._latency_scale.observe(seconds, self._profiled(bits, images), end)
-        self.metrics.latency_scale.set(self._latency_scale.value(end))
         series.batch_size.observe(images)
         series.images.inc(images)
         self._track_accuracy(bits, images)
