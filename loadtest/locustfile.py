@@ -9,7 +9,7 @@ Settings, all optional (environment):
   LOADTEST_PRECISION_MIX   weighted precision hints, "auto" = none: "auto:8,1:1,8:1" (auto)
   LOADTEST_SLO_MIX         weighted slo_ms values, 0 = none: "50:3,200:1" (50)
   LOADTEST_PRIORITY_MIX    weighted priorities, 0 = default: "1:1,2:4" (0)
-  LOADTEST_USER_RPS        requests/s per user, a Poisson schedule per user; 0 = closed loop (5)
+  LOADTEST_USER_RPS        most requests/s per user, a Poisson schedule per user; 0 = closed loop (5)
   LOADTEST_USERS           users in closed loop (8)
   LOADTEST_SHAPE           constant | step | spike | diurnal | replay; unset: plain -u/-r/-t
   LOADTEST_DURATION_S, LOADTEST_BASE_RPS, LOADTEST_PEAK_RPS, LOADTEST_STEPS, LOADTEST_TRACE   the shape
@@ -21,11 +21,13 @@ Attainment: a request counts when answered 200 within its slo_ms (no slo_ms: any
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import random
 import sys
 import time
 
+import gevent
 from locust import FastHttpUser, LoadTestShape, events, task
 
 from loadtest.protocol import IMAGE_BYTES, decode_infer, encode_infer, number_mix, precision_mix, request_parameters
@@ -41,7 +43,17 @@ USER_RPS = float(ENV.get("LOADTEST_USER_RPS", "5"))
 SLO_GATE = float(ENV.get("LOADTEST_SLO_GATE", "0"))
 SHAPE = shape_from_env(ENV)
 CLOSED_LOOP_USERS = int(ENV.get("LOADTEST_USERS", "8"))
-SPAWN_RATE = 10_000  # users appear at once: a spike is a step, not a ramp
+SPAWN_RATE = 10_000  # the whole pool appears at the start
+# Open loop with a shape: a fixed pool sized for the top rate, each user's Poisson schedule thinned by
+# rate(t) / top rate, so the offered load follows the shape over connections opened at the base rate.
+# (Spawning users at the spike's onset would also spike new connections and the load generator's own
+# CPU, a different experiment: it cost ~1 % of all requests at the onset, client- and server-side.)
+POOL = SHAPE.pool_size(USER_RPS) if SHAPE is not None and USER_RPS > 0 else 0
+USER_TOP_RPS = SHAPE.top_rate / POOL if POOL else USER_RPS
+# After the shape's last arrival, the users stay (idle) this long before Locust stops them: stopping a
+# pool costs the load generator's CPU, which would otherwise delay reading the last replies.
+DRAIN_S = 2.0
+_started = time.monotonic()
 
 LOG_FIELDS = [
     "t",
@@ -77,19 +89,45 @@ def _outcome(status: int) -> str:
     return "error"
 
 
+@events.test_start.add_listener
+def _start_clock(**_kwargs) -> None:
+    global _started
+    # the load generator must not stall either: a full collection over Locust's import-time objects
+    # takes tens of ms here, added to the latency of every request in flight (see server/serve.py)
+    gc.freeze()
+    _started = time.monotonic()
+
+
 class InferUser(FastHttpUser):
-    """One client: a Poisson schedule of USER_RPS requests/s (it catches up when a reply was slow)."""
+    """One client: a Poisson schedule of at most USER_RPS requests/s following the shape (it catches up
+    when a reply was slow)."""
 
     path = f"/v2/models/{MODEL}/infer"
 
     def on_start(self) -> None:
         self._rng = random.Random(_rng.random())
-        self._next = time.monotonic() + (self._rng.expovariate(USER_RPS) if USER_RPS > 0 else 0.0)
+        self._next = time.monotonic()
+        if USER_RPS > 0:  # Locust runs the task right after on_start: wait here for the first arrival
+            self._advance()
+            gevent.sleep(max(0.0, self._next - time.monotonic()))
+
+    def _advance(self) -> None:
+        """The next arrival: candidates at the user's top rate, each kept with probability rate(t) / top."""
+        while True:
+            self._next += self._rng.expovariate(USER_TOP_RPS)
+            if SHAPE is None:
+                return
+            t = self._next - _started
+            if t >= SHAPE.duration_s:  # the shape is over: idle until Locust stops the pool
+                self._next = _started + SHAPE.duration_s + 10 * DRAIN_S
+                return
+            if self._rng.random() * SHAPE.top_rate < SHAPE.rate(t):
+                return
 
     def wait_time(self) -> float:
         if USER_RPS <= 0:
             return 0.0
-        self._next += self._rng.expovariate(USER_RPS)
+        self._advance()
         return max(0.0, self._next - time.monotonic())
 
     @task
@@ -147,11 +185,9 @@ class _EnvShape(LoadTestShape):
     def tick(self) -> tuple[int, float] | None:
         assert SHAPE is not None
         t = self.get_run_time()
-        if t >= SHAPE.duration_s:
-            return None
         if USER_RPS <= 0:  # closed loop: a fixed number of users, each sending as fast as replies come
-            return CLOSED_LOOP_USERS, SPAWN_RATE
-        return SHAPE.users(t, USER_RPS), SPAWN_RATE
+            return (CLOSED_LOOP_USERS, SPAWN_RATE) if t < SHAPE.duration_s else None
+        return (POOL, SPAWN_RATE) if t < SHAPE.duration_s + DRAIN_S else None
 
 
 _chosen = SHAPE.name if SHAPE else ""

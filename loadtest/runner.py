@@ -278,8 +278,6 @@ def run(opts: LoadtestOptions, progress: bool = True) -> dict[str, Any]:
             "--only-summary",
             "--loglevel",
             "WARNING",
-            "--csv",
-            str(out / "locust"),
             # when the shape ends, requests in flight are still answered and logged (none is lost)
             "--stop-timeout",
             str(STOP_TIMEOUT_S),

@@ -1,8 +1,9 @@
 """Load shapes as offered request rates over time: pure functions, no Locust import.
 
-The locustfile turns a rate into a number of users (each user keeps its own Poisson schedule at a fixed
-per-user rate), and `arrivals()` draws the same shape as explicit arrival times, so the simulator
-(`apserve simulate --trace FILE`) can replay exactly the load that went through HTTP.
+The locustfile starts a fixed pool of users sized for the shape's top rate and thins each user's Poisson
+schedule by `rate(t) / top_rate` (a spike is a change in request rate over warm connections, as behind a
+proxy with a connection pool — not a storm of new connections); `arrivals()` draws the same shape as
+explicit arrival times, so the simulator (`apserve simulate --trace FILE`) can replay the same load.
 """
 
 from __future__ import annotations
@@ -58,10 +59,16 @@ class Shape:
     def spike_window(self) -> tuple[float, float]:
         return (0.25 * self.duration_s, 0.75 * self.duration_s)
 
-    def users(self, t: float, per_user_rps: float) -> int:
-        """Users needed at time t; at least one while the shape runs, so a low rate still sends."""
-        r = self.rate(t)
-        return max(1, math.ceil(r / per_user_rps - 1e-9)) if r > 0 else 0
+    @property
+    def top_rate(self) -> float:
+        """The highest rate the shape reaches (requests/s)."""
+        if self.name == "replay":
+            return max(self.trace_rates, default=0.0)
+        return max(self.base_rps, self.peak_rps)
+
+    def pool_size(self, per_user_rps: float) -> int:
+        """Users for the whole run: enough that none exceeds ``per_user_rps`` at the top rate."""
+        return max(1, math.ceil(self.top_rate / per_user_rps - 1e-9))
 
     def expected_requests(self) -> float:
         n = int(math.ceil(self.duration_s * 10))
@@ -159,7 +166,7 @@ def shape_from_env(env: Mapping[str, str]) -> Shape | None:
 def arrivals(shape: Shape, seed: int = 0) -> list[float]:
     """Poisson arrival times following `shape.rate` (thinning), deterministic for a seed."""
     rng = random.Random(seed)
-    top = max(shape.rate(i / 10) for i in range(int(shape.duration_s * 10) + 1)) or 1.0
+    top = shape.top_rate or 1.0
     times: list[float] = []
     t = 0.0
     while True:

@@ -133,8 +133,8 @@ class LatencyScale(_Recent):
     feed it and hand ``value(now)`` to the policy (``Snapshot.latency_scale``)."""
 
     neutral: float = 1.0
-    up: float = 0.2
-    down: float = 0.2
+    up: float = 0.5
+    down: float = 0.05
     low: float = 0.5
     high: float = 4.0
 

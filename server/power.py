@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from policies.base import LatencyProfile, PowerState
-from policies.energy import EnergyWindow, PowerModel, cpu_seconds
+from policies.energy import EnergyWindow, PowerModel
 
 POWERCAP = Path("/sys/class/powercap")
 SOURCES = ("auto", "rapl", "model")
@@ -83,12 +83,13 @@ class ModelMeter:
         self._started = time.monotonic()
 
     def record_batch(self, bits: int, images: int, seconds: float, end: float | None = None) -> float:
-        """Busy energy (J) of a batch that ran ``seconds`` and ended at ``end`` (monotonic; default now).
-        The profile says how many cores it kept busy; the measured duration says for how long."""
+        """Busy energy (J) of a batch that ran ``seconds`` and ended at ``end`` (monotonic; default now):
+        the profiled CPU-seconds of (bits, images) x watts per busy core, spread over the batch's run.
+        Profiled, not measured: in service the batch's wall time also holds the HTTP front end's work
+        (on one core the event loop preempts the engine), which is not the batch's energy; and what the
+        power policy predicts before a batch is then exactly what is charged after it."""
         end = time.monotonic() if end is None else end
-        wall = self.profile.latency(bits, images)
-        cores = cpu_seconds(self.profile, bits, images) / wall if wall > 0 else 1.0
-        joules = cores * self.model.watts_per_core * max(seconds, 0.0)
+        joules = self.model.busy_energy(self.profile, bits, images)
         with self._lock:
             self._window.add(end - seconds, end, joules)
         return joules

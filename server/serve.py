@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import socket
 import sys
@@ -75,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=None,
     )
+    # Everything loaded so far (libraries, the model, warmed sessions) lives as long as the process. Left
+    # in the collector's generations, every full collection scans it all: ~50-200 ms on this kind of
+    # core with the event loop stopped, about once a second under load — a deadline miss for every
+    # request in flight. Frozen, a full collection only scans what serving allocates.
+    gc.freeze()
     server = DrainingServer(config, app)
     server.run()
     return 0 if server.started else 1

@@ -26,9 +26,9 @@ from server.protocol import parse_infer
 def test_spike_is_base_then_peak_then_base() -> None:
     shape = build_shape("spike", duration_s=40, base_rps=10, peak_rps=30)
     assert [shape.rate(t) for t in (0, 9.9, 10, 29.9, 30, 39.9, 40)] == [10, 10, 30, 30, 10, 10, 0]
-    assert shape.users(15, per_user_rps=5) == 6
-    assert shape.users(0, per_user_rps=5) == 2
-    assert shape.users(40, per_user_rps=5) == 0  # finished: Locust stops
+    assert shape.top_rate == 30
+    assert shape.pool_size(per_user_rps=5) == 6  # sized for the peak, from the start
+    assert shape.pool_size(per_user_rps=7) == 5
     assert build_shape("spike", base_rps=7).peak_rps == 21  # default peak: 3x
 
 
