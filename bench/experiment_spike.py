@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,18 @@ def simulate(
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
     return dict(json.loads(done.stdout))
+
+
+def cpu_steal_s() -> dict[str, float]:
+    """Seconds each CPU has waited for the hypervisor so far (/proc/stat "steal"; empty where unreadable).
+    A VM's stolen time stalls whatever runs, server or load generator: reported beside each run."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK")
+    cpus = {f"cpu{SERVER_CPU}": "server_core", f"cpu{LOAD_CPU}": "load_core"}
+    return {cpus[f[0]]: int(f[8]) / hz for f in (line.split() for line in lines) if f and f[0] in cpus and len(f) > 8}
 
 
 def mean_bits(ts: dict[str, Any]) -> list[float | None]:
@@ -282,7 +295,9 @@ def main() -> int:
             seed=args.seed,
         )
         print(f"{policy}: {args.duration:g} s spike", file=sys.stderr)
+        steal_before = cpu_steal_s()
         results[policy] = run(opts, progress=False)
+        results[policy]["vm_steal_s"] = {c: cpu_steal_s().get(c, 0.0) - v for c, v in steal_before.items()}
         sims[policy] = simulate(trace, policy, args.slo_ms, options, profile, cost_s)
 
     overhead = None
@@ -330,9 +345,9 @@ def main() -> int:
     print()
     print(
         "| policy | SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
-        "| simulated: attainment / accuracy |"
+        "| simulated: attainment / accuracy | VM steal, server / load core |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for policy, r in results.items():
         sim = sims[policy]
         sim_att = (
@@ -343,7 +358,7 @@ def main() -> int:
         print(
             f"| {policy} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['rejected']} of {r['requests']} | "
-            f"{_fmt(r['energy_j'])} | {sim_att} |"
+            f"{_fmt(r['energy_j'])} | {sim_att} | {_steal(r.get('vm_steal_s', {}))} |"
         )
     if overhead:
         print()
@@ -353,6 +368,12 @@ def main() -> int:
             f"{100 * overhead['loss']:.1f} % loss"
         )
     return 0
+
+
+def _steal(steal: dict[str, float]) -> str:
+    if not steal:
+        return "n/a"
+    return f"{1e3 * steal.get('server_core', 0.0):.0f} / {1e3 * steal.get('load_core', 0.0):.0f} ms"
 
 
 if __name__ == "__main__":
