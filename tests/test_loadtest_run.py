@@ -37,8 +37,8 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_loadtest_starts_a_server_and_writes_a_sane_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = loadtest(
-        "--shape", "spike", "--policy", "hint", "--duration", "4", "--rps", "2", "--peak-rps", "6",
-        "--precision-mix", "1:3,2:1", "--slo-mix", "5000", "--user-rps", "1", "--out", str(out), "--json",
+        "--shape", "spike", "--policy", "hint", "--duration", "4", "--rps", "10", "--peak-rps", "40",
+        "--precision-mix", "1:3,2:1", "--slo-mix", "5000", "--user-rps", "5", "--out", str(out), "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     printed = json.loads(result.stdout)
@@ -56,6 +56,11 @@ def test_loadtest_starts_a_server_and_writes_a_sane_report(tmp_path: Path) -> No
         assert (out / name).read_bytes().startswith(PNG), name
     rows = (out / "requests.csv").read_text().splitlines()
     assert rows[0].startswith("t,latency_ms,status,outcome,bits") and len(rows) == report["requests"] + 1
+    # the offered load follows the shape: ~10/s for 1 s, ~40/s for 2 s, ~10/s for 1 s (Poisson: ~20 vs ~80;
+    # the users are all there from the start, so the spike is in the rate, not in new connections)
+    sent = sorted(float(row.split(",")[0]) for row in rows[1:])
+    in_spike = sum(1 for t in sent if 1.0 <= t - sent[0] < 3.0)
+    assert in_spike >= 50 and len(sent) - in_spike <= in_spike / 2, (in_spike, len(sent))
     # the server it started was shut down cleanly (uvicorn says so as its last word)
     assert "Finished server process" in (out / "server.log").read_text()
 
