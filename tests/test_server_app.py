@@ -633,9 +633,10 @@ def test_every_finished_batch_reaches_the_energy_accounting() -> None:
             results = await asyncio.gather(first, second)  # batch 2 ends with nothing queued
             text = (await c.get("/metrics")).text  # read at once: no batch may be missing
             energy = float(text.split("\napserve_energy_joules_total ")[1].split()[0])
-            # the model meter: one busy core (the profile has no CPU figures) at 10 W per core
-            seconds = sum(r.json()["parameters"]["compute_us"] for r in results) / 1e6
-            assert energy == pytest.approx(10.0 * seconds, abs=10.0 * 2e-6)
+            # the model meter charges each batch its profiled CPU time (no CPU figures in PROFILE: one busy
+            # core for the profiled 2 ms of a 1-image batch) at 10 W per core, however long it really ran
+            assert all(r.status_code == 200 for r in results)
+            assert energy == pytest.approx(2 * 10.0 * 0.002)
 
     run(test)
 
