@@ -21,6 +21,7 @@ Writes docs/img/spike_*.png and docs/experiment_spike.json, and prints the table
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -35,10 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from loadtest.runner import LoadtestOptions, Server, get, run  # noqa: E402
 from loadtest.shapes import arrivals, build_shape, write_trace  # noqa: E402
+from policies.slo import SloPolicy  # noqa: E402
 
 SERVER_CPU, LOAD_CPU = "0", "1"
 IDLE_W = 5.0  # the server's power model default (APSERVE_POWER_IDLE_W)
-SLO_DEFAULT_MARGIN_MS = 2.0  # slo's own default, when nothing is measured
+SLO_DEFAULT_MARGIN_MS = SloPolicy.margin_ms  # slo's own default, when nothing is measured
 
 
 def server_env(slo_ms: float, profile: Path | None) -> dict[str, str]:
@@ -99,8 +101,6 @@ def engine_seconds_and_answers(url: str) -> tuple[float, float]:
 
 def unseen_latency_p90_ms(requests_csv: Path) -> float:
     """p90 of client latency - (queue_us + compute_us) over the answered requests of a run."""
-    import csv
-
     with requests_csv.open() as f:
         gaps = sorted(
             float(r["latency_ms"]) - (int(r["queue_us"]) + int(r["compute_us"])) / 1e3
