@@ -8,7 +8,7 @@
    costs on the server's core. The simulator takes it (--request-cost-us); the servers measure its
    effect themselves (observed / profiled batch latency, Snapshot.latency_scale). The same run gives the
    part of the client's latency the server cannot see (reading before the request reaches the app,
-   writing after it, the load generator's own delay): its p90 becomes slo's ``margin_ms``.
+   writing after it, the load generator's own delay): its p90 becomes the ``margin_ms`` of slo and power.
 2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
@@ -220,7 +220,9 @@ def main() -> int:
     ap.add_argument("--policies", default="fixed-8,fixed-1,slo,power")
     ap.add_argument("--capacity", type=float, default=None, help="fixed-8 capacity, requests/s (default: measure)")
     ap.add_argument("--request-cost-us", type=float, default=None, help="front-end cost per request (default: measure)")
-    ap.add_argument("--margin-ms", type=float, default=None, help="slo margin_ms (default: measured, see 1.)")
+    ap.add_argument(
+        "--margin-ms", type=float, default=None, help="margin_ms of slo and power (default: measured, see 1.)"
+    )
     ap.add_argument(
         "--power-budget", type=float, default=None, help="watts (default: idle + 60 %% of fixed-8's draw above idle)"
     )
@@ -260,7 +262,7 @@ def main() -> int:
         cost_s, measured_margin_ms = args.request_cost_us / 1e6, SLO_DEFAULT_MARGIN_MS
     margin_ms = args.margin_ms if args.margin_ms is not None else measured_margin_ms
     print(f"front-end cost: {cost_s * 1e6:.0f} us per request", file=sys.stderr)
-    print(f"latency the server cannot see, p90: {margin_ms:g} ms (slo margin_ms)", file=sys.stderr)
+    print(f"latency the server cannot see, p90: {margin_ms:g} ms (margin_ms of slo and power)", file=sys.stderr)
 
     base, peak = 0.5 * capacity, 3 * capacity
     shape = build_shape("spike", duration_s=args.duration, base_rps=base, peak_rps=peak)
@@ -277,7 +279,7 @@ def main() -> int:
                 # idle + 60 % of what fixed-8 drew above idle at its peak: a budget that binds in the spike
                 drawn = results.get("fixed-8", {}).get("max_power_w")
                 budget = round(IDLE_W + 0.6 * (drawn - IDLE_W), 2) if drawn and drawn > IDLE_W else IDLE_W + 5.0
-            options = {"budget_w": budget}
+            options = {"budget_w": budget, "margin_ms": margin_ms}
         elif policy == "slo":
             options = {"margin_ms": margin_ms}
         opts = LoadtestOptions(

@@ -116,8 +116,9 @@ def _power(options: Mapping[str, Any]) -> Policy:
     opts = _Options("power", options)
     budget = opts.required("budget_w", 0.001)
     wpc = opts.number("watts_per_core", DEFAULT_WATTS_PER_CORE, 0.001)
+    margin = opts.number("margin_ms", 2.0, 0.0, 1000.0) or 0.0
     opts.done()
-    return PowerPolicy(budget_w=budget, watts_per_core=wpc or DEFAULT_WATTS_PER_CORE)
+    return PowerPolicy(budget_w=budget, watts_per_core=wpc or DEFAULT_WATTS_PER_CORE, margin_ms=margin)
 
 
 def _cascade(options: Mapping[str, Any]) -> Policy:

@@ -199,14 +199,30 @@ def test_power_policy_most_accurate_within_budget() -> None:
 
 def test_power_policy_budget_exhausted_waits_for_the_window_to_refill() -> None:
     spent = PowerState(budget_w=15.0, window_s=1.0, energy_in_window_j=15.0, idle_w=5.0, watts_per_core=10.0)
-    s = snap([req(0)], now=3.0, power=spent)
+    s = snap([req(0, arrival=3.0)], now=3.0, power=spent)
     decision = checked(build("power").decide(s), s)
     assert decision.bits is None and decision.wait_until is not None and decision.wait_until > 3.0
+    assert decision.reject == ()
     # almost exhausted: only the cheapest bits fit, and only a part of the queue
     nearly = dataclasses.replace(spent, energy_in_window_j=15.0 - 0.05)
     s = snap([req(i) for i in range(32)], power=nearly)
     decision = checked(build("power").decide(s), s)
     assert decision.bits == 1 and 0 < len(decision.requests) < 32
+
+
+def test_power_policy_spends_no_budget_on_late_answers() -> None:
+    idle = PowerState(budget_w=15.0, window_s=1.0, energy_in_window_j=5.0, idle_w=5.0, watts_per_core=10.0)
+    cheapest_alone = LAT.latency(1, 1)
+    now = 0.05 - cheapest_alone - 0.001  # req 0 finishes 1 ms before its deadline even alone at 1 bit
+    queue = [req(0), req(1, arrival=now), req(2, arrival=now)]
+    s = snap(queue, now=now, power=idle)
+    # within the default 2 ms margin: refused now, not served at the brink of its deadline
+    decision = checked(build("power").decide(s), s)
+    assert decision.reject == (0,) and 0 not in decision.requests and decision.requests[0] == 1
+    # without a margin it still fits: served first, and the batch stops before it would be late
+    decision = checked(build("power", margin_ms=0.0).decide(s), s)
+    assert decision.reject == () and decision.requests[0] == 0
+    assert now + LAT.latency(decision.bits, len(decision.requests)) <= 0.05
 
 
 def test_power_budget_below_idle_never_runs() -> None:
