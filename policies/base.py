@@ -6,6 +6,7 @@ decides in both. Times are seconds on one monotonic clock; ``now`` is given, nev
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -159,6 +160,25 @@ class AnswerDelay(_Recent):
             self._observe(min(self.high, seconds), now)
 
 
+class ArrivalRate:
+    """Images arriving per second over the last ``window_s``: how much work will join the queue while a
+    batch runs (``Snapshot.arrival_rate``). The server and the simulator both feed it."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._images = 0
+
+    def observe(self, now: float, images: int) -> None:
+        self._arrivals.append((now, images))
+        self._images += images
+
+    def value(self, now: float) -> float:
+        while self._arrivals and self._arrivals[0][0] <= now - self.window_s:
+            self._images -= self._arrivals.popleft()[1]
+        return self._images / self.window_s
+
+
 @dataclass(frozen=True)
 class PowerState:
     budget_w: float | None  # None: no budget
@@ -180,6 +200,7 @@ class Snapshot:
     power: PowerState | None = None
     latency_scale: float = 1.0  # LatencyScale.value(now): planned latency = profile x this
     answer_delay_s: float = 0.0  # AnswerDelay.value(now): kept free before every deadline, beside the margin
+    arrival_rate: float = 0.0  # ArrivalRate.value(now): images per second arriving lately
 
 
 @dataclass(frozen=True)

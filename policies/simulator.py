@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policies.base import Decision, LatencyScale, Policy, PowerState, QueuedRequest, Snapshot
+from policies.base import ArrivalRate, Decision, LatencyScale, Policy, PowerState, QueuedRequest, Snapshot
 from policies.energy import EnergyWindow, PowerModel
 from policies.profile import Profile
 from policies.traces import Trace
@@ -114,6 +114,7 @@ class _Replica:
         self.wake_at: float | None = None
         self.arrivals: deque[float] = deque()  # arrival times of the last second
         self.scale = LatencyScale()
+        self.rate = ArrivalRate()
 
     def slowdown(self, now: float, request_cost_s: float) -> float:
         """Engine time -> wall time while the front end takes its share of the core."""
@@ -193,6 +194,7 @@ def simulate(
             default_bits=config.default_bits,
             power=power_state(rep, now),
             latency_scale=rep.scale.value(now),
+            arrival_rate=rep.rate.value(now),
         )
         decision: Decision = rep.policy.decide(snapshot)
         drop = set(decision.reject)
@@ -257,6 +259,7 @@ def simulate(
             requests[payload] = req
             rep = min(replicas, key=lambda r: (r.load(), r.index))
             rep.arrivals.append(now)
+            rep.rate.observe(now, req.size)
             key = (req.priority, req.deadline if req.deadline is not None else float("inf"), req.arrival, req.id)
             bisect.insort(rep.queue, (key, req), key=lambda item: item[0])
             dispatch(rep, now)

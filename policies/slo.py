@@ -12,8 +12,10 @@ decision (queue already in priority, then earliest-deadline order):
    queue-order run of requests allowing those bits whose predicted latency ends before the earliest
    deadline in it (the slack), up to ``max_batch_size``.
 3. Take the first (most accurate) bits whose batch (a) holds the head and (b) leaves the rest of the queue
-   on time: the plan of step 1 for the remaining requests, starting when this batch ends, has no late
-   request. Inside those bits take the largest fitting batch.
+   on time: the plan of step 1 for the remaining requests, starting when this batch ends plus a reserve,
+   has no late request. The reserve is one full batch at the cheapest bits plus the cheapest-bits time of
+   the images expected to arrive while this batch runs (``Snapshot.arrival_rate``). Inside those bits
+   take the largest fitting batch.
    Why accuracy first and not SlackFit's largest batch first: on this model all bits share one set of
    weights and the batch curve is flat past 8, so a bigger batch buys little once the queue is on time;
    (b) is what protects throughput — the moment the queue cannot absorb the more accurate choice, it
@@ -66,9 +68,13 @@ class SloPolicy:
 
         head = queue[0]
         cheapest = planner.cheapest(head)
-        # keep one full batch at the cheapest bits in reserve behind every accurate choice: a queue run to
-        # the brink of its deadlines could then only be served in small, inefficient batches
-        reserve = planner.latency(cheapest, snapshot.max_batch_size) if cheapest is not None else 0.0
+        # keep in reserve behind every accurate choice one full batch at the cheapest bits (a queue run to
+        # the brink of its deadlines could then only be served in small, inefficient batches) and the
+        # cheapest-bits time of the images expected to arrive while the choice runs: the plan sees only the
+        # queue of now, and under a spike the arrivals during a long accurate batch are what tips it over
+        most = snapshot.max_batch_size
+        reserve = planner.latency(cheapest, most) if cheapest is not None else 0.0
+        per_image = reserve / most if most > 0 else 0.0
         chosen: tuple[int, list[QueuedRequest], str] | None = None
         for bits in planner.candidates(head):
             batch = take_fitting(planner, queue, bits, accept)
@@ -79,7 +85,8 @@ class SloPolicy:
             ids = {r.id for r in batch}
             end = now + planner.latency(bits, sum(r.size for r in batch))
             rest = [r for r in queue if r.id not in ids]
-            if bits == cheapest or not planner.late_in_plan(rest, end + reserve):
+            arriving = per_image * snapshot.arrival_rate * (end - now)
+            if bits == cheapest or not planner.late_in_plan(rest, end + reserve + arriving):
                 chosen = (bits, batch, "slack" if bits != cheapest else "cheapest")
                 break
         if chosen is None and cheapest is not None:  # overload: the cheapest bits, as full as allowed

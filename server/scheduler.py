@@ -26,6 +26,7 @@ import numpy as np
 
 from policies.base import (
     AnswerDelay,
+    ArrivalRate,
     Decision,
     LatencyProfile,
     LatencyScale,
@@ -149,6 +150,7 @@ class Scheduler:
         self.profile = profile
         self._latency_scale = LatencyScale()  # observed / profiled batch latency, fed by every batch
         self._answer_delay = AnswerDelay()  # from a batch's end to its answers sent, fed by the endpoints
+        self._arrival_rate = ArrivalRate()  # images admitted per second, lately
         self.config = config
         self.metrics = metrics
         self.power_meter = power_meter
@@ -283,6 +285,7 @@ class Scheduler:
                     retry_after=1,
                 )
         pending = _Pending(req, images, self._loop.create_future(), _order_key(req))
+        self._arrival_rate.observe(now, req.size)
         self._enqueue(pending)
         self._kick()
         return pending.future
@@ -380,6 +383,7 @@ class Scheduler:
             profile=self.profile,
             latency_scale=self._latency_scale.value(now),
             answer_delay_s=self._answer_delay.value(now),
+            arrival_rate=self._arrival_rate.value(now),
             accuracy=self.config.accuracy,
             max_batch_size=self.config.max_batch_size,
             default_bits=self.config.default_bits,

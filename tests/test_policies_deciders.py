@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from policies.base import AnswerDelay, Decision, LatencyScale, PowerState, QueuedRequest, Snapshot
+from policies.base import AnswerDelay, ArrivalRate, Decision, LatencyScale, PowerState, QueuedRequest, Snapshot
 from policies.profile import standin_profile
 from policies.registry import PolicyError, build_policy, names
 
@@ -189,6 +189,26 @@ def test_queue_policy_steps_down_and_back_with_hysteresis() -> None:
 def test_queue_policy_maps_non_pareto_levels_to_pareto_bits() -> None:
     s = snap([req(0)])
     assert build("queue", levels=[[0, 3]], hysteresis=0).decide(s).bits == 5  # 3 is dominated by 5 (same cost)
+
+
+def test_slo_keeps_the_arrivals_expected_during_an_accurate_batch_in_reserve() -> None:
+    s = snap([req(i) for i in range(48)])
+    # nobody arriving: the queue absorbs a batch at 2 bits, then the rest at 1 bit
+    calm = checked(build("slo", margin_ms=0.0).decide(s), s)
+    assert (calm.bits, calm.reason) == (2, "slack")
+    # 500 images/s arriving: what comes in while the 2-bit batch runs no longer fits behind it
+    busy = dataclasses.replace(s, arrival_rate=500.0)
+    assert checked(build("slo", margin_ms=0.0).decide(busy), busy).bits == 1
+
+
+def test_arrival_rate_counts_images_of_the_last_window() -> None:
+    rate = ArrivalRate(window_s=1.0)
+    assert rate.value(0.0) == 0.0
+    rate.observe(0.0, 4)
+    rate.observe(0.5, 2)
+    assert rate.value(0.9) == 6.0
+    assert rate.value(1.2) == 2.0  # the 4 images of t = 0 left the window
+    assert rate.value(2.0) == 0.0
 
 
 def test_power_policy_most_accurate_within_budget() -> None:
