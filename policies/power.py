@@ -79,7 +79,8 @@ class PowerPolicy:
         planner = Planner(snapshot, self.margin_ms / 1000.0)
         now = snapshot.now
         reject = tuple(r.id for r in snapshot.queue if _hopeless(planner, r, now))
-        queue = [r for r in snapshot.queue if r.id not in reject]
+        refused = set(reject)
+        queue = [r for r in snapshot.queue if r.id not in refused]
         if not queue:
             return Decision(bits=None, reason="all queued requests would be late", reject=reject)
         cap = PowerCap.of(snapshot, self.budget_w, self.watts_per_core, planner)

@@ -77,7 +77,7 @@ def _slo_from(opts: _Options) -> SloPolicy:
     return SloPolicy(
         target_batch=opts.integer("target_batch", 1, 1),
         hold_ms=opts.number("hold_ms", 0.0, 0.0, 1000.0) or 0.0,
-        margin_ms=opts.number("margin_ms", 2.0, 0.0, 1000.0) or 0.0,
+        margin_ms=opts.number("margin_ms", SloPolicy.margin_ms, 0.0, 1000.0) or 0.0,
     )
 
 
@@ -116,7 +116,7 @@ def _power(options: Mapping[str, Any]) -> Policy:
     opts = _Options("power", options)
     budget = opts.required("budget_w", 0.001)
     wpc = opts.number("watts_per_core", DEFAULT_WATTS_PER_CORE, 0.001)
-    margin = opts.number("margin_ms", 2.0, 0.0, 1000.0) or 0.0
+    margin = opts.number("margin_ms", PowerPolicy.margin_ms, 0.0, 1000.0) or 0.0
     opts.done()
     return PowerPolicy(budget_w=budget, watts_per_core=wpc or DEFAULT_WATTS_PER_CORE, margin_ms=margin)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -112,15 +111,12 @@ class _Replica:
         self.window = EnergyWindow(config.window_s, config.power_model.idle_w)
         self.segments: list[tuple[float, float, float]] = []  # (start, end, busy joules)
         self.wake_at: float | None = None
-        self.arrivals: deque[float] = deque()  # arrival times of the last second
         self.scale = LatencyScale()
-        self.rate = ArrivalRate()
+        self.rate = ArrivalRate()  # over the last second; a simulated request is one image
 
     def slowdown(self, now: float, request_cost_s: float) -> float:
         """Engine time -> wall time while the front end takes its share of the core."""
-        while self.arrivals and self.arrivals[0] <= now - 1.0:
-            self.arrivals.popleft()
-        return 1.0 / (1.0 - min(0.9, len(self.arrivals) * request_cost_s))
+        return 1.0 / (1.0 - min(0.9, self.rate.value(now) * request_cost_s))
 
     def load(self) -> int:
         return len(self.queue) + (1 if self.busy_until is not None else 0)
@@ -258,7 +254,6 @@ def simulate(
             )
             requests[payload] = req
             rep = min(replicas, key=lambda r: (r.load(), r.index))
-            rep.arrivals.append(now)
             rep.rate.observe(now, req.size)
             key = (req.priority, req.deadline if req.deadline is not None else float("inf"), req.arrival, req.id)
             bisect.insort(rep.queue, (key, req), key=lambda item: item[0])
