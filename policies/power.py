@@ -3,9 +3,16 @@
 Before each batch: the energy the meter saw in the last window (idle included) plus the predicted busy
 energy of the batch must fit ``budget_w * window_s``. While a batch runs, the window drops at least the
 idle energy it gains, so the check made at the start holds until the batch ends. Among what fits: the most
-accurate candidate bits (planning.Planner.candidates) with the fullest batch; failing that, the cheapest
-bits with as many images as fit; failing that, wait until the budget has refilled at ``budget - idle``
-watts.
+accurate candidate bits (planning.Planner.candidates) that the budget could sustain at the current arrival
+rate, with the fullest batch; failing that, the cheapest bits with as many images as fit; failing
+that, wait until the budget has refilled at ``budget - idle`` watts.
+
+Sustain means: arrivals per second x the bits' lowest energy per image over batch sizes up to
+``max_batch_size`` <= ``budget - idle`` (the lowest, because a budget-bound queue grows into larger,
+cheaper batches by itself). Without it, an overloaded queue that drains to one or two requests between refills gets them at the most accurate bits
+the window's last joules allow (fp32 costs 3.4 times 1 bit per image on the bundled profile), and every
+such answer costs several cheap ones that are then refused. With no arrival rate known, every bits is
+taken as sustainable.
 
 Choosing bits for deadlines is not this policy's business (`composite` adds it), but spending the budget on
 late answers would be: a request that cannot finish by its deadline less ``margin_ms`` even started now,
@@ -53,6 +60,12 @@ class PowerCap:
     def accept(self, bits: int, images: int) -> bool:
         return self.energy(bits, images) <= self.headroom_j
 
+    def sustainable(self, bits: int, arrival_rate: float, max_batch_size: int) -> bool:
+        """Could the budget refill keep up with every arrival served at ``bits``, batched at best?"""
+        sizes = [b for b in self.planner.profile.batches if b <= max_batch_size] or [1]
+        per_image_j = min(self.energy(bits, b) / b for b in sizes)
+        return arrival_rate * per_image_j <= self.refill_w
+
     def wait(self, now: float, bits: int, images: int, reject: tuple[int, ...] = ()) -> Decision:
         if self.refill_w <= 0:
             return Decision(bits=None, reason="power budget at or below idle power", reject=reject)
@@ -94,6 +107,8 @@ class PowerPolicy:
             return cap.wait(now, cheapest, head.size, reject)
         for bits in candidates:
             batch = planner.fill(queue, bits)
+            if bits != cheapest and not cap.sustainable(bits, snapshot.arrival_rate, snapshot.max_batch_size):
+                continue
             on_time = planner.fitting_prefix(batch, bits, now)
             if on_time and cap.accept(bits, sum(r.size for r in batch)):
                 ids = tuple(r.id for r in batch[:on_time])
