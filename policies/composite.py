@@ -2,8 +2,9 @@
 
 Hints and strict requests constrain through ``Planner.candidates`` (as in every decider); with a
 ``budget_w`` the power cap removes every (bits, batch) whose predicted energy does not fit the window's
-remaining energy; the slo rule then picks among what is left. When the cap leaves nothing, the
-decision waits for the budget to refill (refusing hopeless requests meanwhile).
+remaining energy, and every bits but the head's cheapest that the budget could not sustain at the
+arrival rate (``PowerCap.sustainable``, as in `power`); the slo rule then picks among what is left. When
+the cap leaves nothing, the decision waits for the budget to refill (refusing hopeless requests meanwhile).
 """
 
 from __future__ import annotations
@@ -42,4 +43,9 @@ class CompositePolicy:
             return Decision(
                 bits=None, reason=waiting.reason, reject=tuple(r.id for r in late), wait_until=waiting.wait_until
             )
-        return self.slo.decide_within(snapshot, cap.accept, capped=waiting)
+        rate, most = snapshot.arrival_rate, snapshot.max_batch_size
+
+        def fits(bits: int, images: int) -> bool:
+            return cap.accept(bits, images) and (bits == cheapest or cap.sustainable(bits, rate, most))
+
+        return self.slo.decide_within(snapshot, fits, capped=waiting)

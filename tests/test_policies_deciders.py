@@ -218,13 +218,14 @@ def test_power_policy_most_accurate_within_budget() -> None:
 
 
 @pytest.mark.parametrize("rate", [0.0, 200.0, 300.0, 1000.0, 5000.0])
-def test_power_policy_chooses_bits_the_budget_could_sustain_at_the_arrival_rate(rate: float) -> None:
+@pytest.mark.parametrize("name", ["power", "composite"])
+def test_power_cap_chooses_bits_the_budget_could_sustain_at_the_arrival_rate(name: str, rate: float) -> None:
     """10 J of headroom pays for fp32 now, but at ``rate`` images/s the 10 W refill may not keep up with
     fp32 (42 mJ per image at best on the stand-in profile): then the most accurate bits that it could,
     the cheapest bits when none could."""
     idle = PowerState(budget_w=15.0, window_s=1.0, energy_in_window_j=5.0, idle_w=5.0, watts_per_core=10.0)
     s = dataclasses.replace(snap([req(0)], power=idle), arrival_rate=rate)
-    bits = checked(build("power").decide(s), s).bits
+    bits = checked(build(name).decide(s), s).bits
     best_j = {b: min(LAT.cpu(b, n) / n for n in LAT.batches if n <= 32) * 10.0 for b in LAT.pareto}
     sustainable = [b for b in LAT.pareto if rate * best_j[b] <= 10.0] or [1]
     assert bits in sustainable
