@@ -52,6 +52,21 @@ def backends_for(bits: int) -> list[str]:
     return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + native
 
 
+def check_backend(bits: int, name: str) -> None:
+    """Raise ValueError unless ``name`` is a backend that can serve ``bits`` (on some CPU: a native path
+    this CPU lacks falls back to the best one it has)."""
+    if name == REFERENCE:
+        return
+    if bits == FP32:
+        ok = name == ORT_FP32
+    elif name == NATIVE_PREFIX or name.startswith(f"{NATIVE_PREFIX}-"):
+        ok = 1 <= bits <= 8
+    else:
+        ok = name == ORT_FP32_CODES or (name == ORT_INT8 and bits >= 3)
+    if not ok:
+        raise ValueError(f"backend {name!r} cannot serve bits {bits}; this CPU has {', '.join(backends_for(bits))}")
+
+
 def as_images(batch: np.ndarray) -> np.ndarray:
     """Validate a batch: uint8 pixels 0..255 or float in [0, 1], [B, 1, 28, 28], [B, 28, 28] or [B, 784]."""
     x = np.asarray(batch)
@@ -82,6 +97,7 @@ class Engine:
             bits = int(key)
             if bits not in self._chosen:
                 raise ValueError(f"backend given for bits {bits}, which the model does not serve")
+            check_backend(bits, name)
             self._chosen[bits] = name
         self._runners: dict[int, tuple[str, Runner]] = {}
         self._build_lock = threading.Lock()

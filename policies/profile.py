@@ -159,6 +159,9 @@ STANDIN_ACCURACY = {1: 0.89, 2: 0.91, 3: 0.92, 4: 0.925, 5: 0.93, 6: 0.93, 7: 0.
 STANDIN_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
+STANDIN_BACKEND = "standin"  # the stand-in document's backend name: no backend at all
+
+
 def standin_document(threads: int = 2) -> dict[str, Any]:
     """A profile document from the expected figures: per-image cost falls from 1x at batch 1 to 0.6x at
     batch 8 (log-linear) and stays there; both threads busy throughout."""
@@ -167,13 +170,13 @@ def standin_document(threads: int = 2) -> dict[str, Any]:
         for n in STANDIN_BATCHES:
             per_image = 1.0 - 0.4 * min(math.log2(n), 3.0) / 3.0
             ms = ms1 * n * per_image
-            rows.append({"bits": bits, "batch": n, "backend": "standin", "ms_median": ms, "cpu_ms": ms * threads})
+            rows.append({"bits": bits, "batch": n, "backend": STANDIN_BACKEND, "ms_median": ms, "cpu_ms": ms * threads})
     return {
         "fingerprint": {"standin": True},
         "model_sha256": "",
         "threads": threads,
         "rows": rows,
-        "backends": {str(b): "standin" for b in STANDIN_MS_BATCH1},
+        "backends": {str(b): STANDIN_BACKEND for b in STANDIN_MS_BATCH1},
         "accuracy": {str(b): a for b, a in STANDIN_ACCURACY.items()},
     }
 

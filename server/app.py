@@ -42,7 +42,7 @@ from starlette.types import Receive, Scope, Send
 from kernels.engine import Engine
 from model_store import artifact as artifact_store
 from policies.base import LatencyProfile, Policy
-from policies.profile import ProfileError, parse_profile, standin_document
+from policies.profile import STANDIN_BACKEND, ProfileError, parse_profile, standin_document
 from policies.registry import PolicyError, build_policy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME, ProtocolError, encode_infer_response, parse_infer
@@ -91,6 +91,16 @@ def _profile_dict(artifact: artifact_store.Artifact, settings: Settings) -> tupl
     return standin, f"stand-in figures (no profile at {path}; run `apserve profile`)"
 
 
+def _engine(model: artifact_store.Artifact, settings: Settings, profiled: Mapping[int, str]) -> Engine:
+    """The engine with the backend the profile chose for each bits it profiled (its latencies are the
+    policies' predictions, so the engine must run what was measured); defaults for the rest."""
+    backends = {b: name for b, name in profiled.items() if b in model.bits and name != STANDIN_BACKEND}
+    try:
+        return Engine(model, threads=settings.engine_threads, backends=backends)
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting profile_path: {exc}") from None
+
+
 def _power_meter(settings: Settings, profile: LatencyProfile) -> Any:
     """server/power.py's meter when that module exists (written with the power policy), else None."""
     try:
@@ -134,7 +144,6 @@ def build_runtime(
     settings: Settings, engine: Runner | None = None, profile_data: Mapping[str, Any] | None = None
 ) -> Runtime:
     model = artifact_store.load(settings.model_path)
-    runner: Runner = engine if engine is not None else Engine(model, threads=settings.engine_threads)
     try:
         policy = build_policy(settings.policy, settings.policy_options)
     except PolicyError as exc:
@@ -148,6 +157,7 @@ def build_runtime(
     except ProfileError as exc:
         raise SettingsError(f"invalid setting profile_path: {exc}") from None
     profile, accuracy = parsed.latency, parsed.accuracy
+    runner: Runner = engine if engine is not None else _engine(model, settings, parsed.backends)
     profiled = {bits for bits, _ in profile.table}
     servable = tuple(b for b in model.bits if b in profiled)
     if settings.default_bits not in servable:

@@ -192,14 +192,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise SystemExit("apserve: --threads must be at least 1")
+    from kernels import profiler
+
     model = artifact.load(args.model)
     backends = None
-    if args.profile:
+    path = args.profile or profiler.default_path(model)
+    if args.profile or path.is_file():  # the server's backends: the saved profile's choice
         try:
-            backends = json.loads(args.profile.read_text())["backends"]
+            backends = json.loads(path.read_text())["backends"]
         except (OSError, ValueError, KeyError) as exc:
-            raise SystemExit(f"apserve: cannot read backends from profile {args.profile}: {exc!r}") from None
-    result = bench.bench(model, threads=args.threads, backends=backends)
+            raise SystemExit(f"apserve: cannot read backends from profile {path}: {exc!r}") from None
+    try:
+        result = bench.bench(model, threads=args.threads, backends=backends)
+    except ValueError as exc:
+        raise SystemExit(f"apserve: {exc}") from None
     if args.json:
         _print_json(result)
     else:
@@ -259,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=BUNDLED, help="artifact path (default: the bundled model)")
     p.add_argument("--threads", type=int, default=2, help="cores the engine and the peers may use")
     p.add_argument(
-        "--profile", type=Path, default=None, help="profile whose backends to use (default: built-in choice)"
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile whose backends to use (default: the model's saved profile, as the server; else built-in)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

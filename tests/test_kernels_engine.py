@@ -79,8 +79,11 @@ def test_bad_input_is_refused(bundled):
         eng.run(np.full((1, 784), 2.0, np.float32), 8)
     with pytest.raises(ValueError, match="uint8"):
         eng.run(np.zeros((1, 784), np.int32), 8)
-    with pytest.raises(ValueError, match="unknown backend"):
-        Engine(bundled, backends={4: "gpu"}).run(np.zeros((1, 784), np.uint8), 4)
+    with pytest.raises(ValueError, match="'gpu' cannot serve bits 4; this CPU has onnxruntime-int8"):
+        Engine(bundled, backends={4: "gpu"})
+    for bits, name in ((32, "native"), (2, "onnxruntime-int8"), (8, "onnxruntime-fp32")):
+        with pytest.raises(ValueError, match=f"'{name}' cannot serve bits {bits}"):
+            Engine(bundled, backends={bits: name})
     assert eng.run(np.zeros((0, 784), np.uint8), 2).shape == (0, 10)
 
 

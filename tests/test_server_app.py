@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from model_store.artifact import BITS
-from server.app import create_app
+from server.app import build_runtime, create_app
 from server.settings import Settings, SettingsError, load_settings
 
 INFER = "/v2/models/fashion-resnet/infer"
@@ -224,6 +224,30 @@ def test_bits_missing_from_the_profile_are_not_servable() -> None:
             assert r.status_code == 422 and "5" in r.json()["error"]
 
     run(test)
+
+
+def test_the_engine_runs_the_backend_the_profile_measured() -> None:
+    """The profile's latencies are what the policies predict with: the engine must run those backends."""
+    backends = {"1": "native", "8": "onnxruntime-fp32-codes", "32": "onnxruntime-fp32"}
+    rows = [{**row, "backend": backends[str(row["bits"])]} for row in PROFILE["rows"] if row["bits"] in (1, 8, 32)]
+    runtime = build_runtime(_settings(), profile_data={"rows": rows, "backends": backends})
+    assert runtime.backend(8) == "onnxruntime-fp32-codes"
+    assert runtime.backend(1).startswith("native-")
+    logits = runtime.engine.run(np.zeros((1, 784), dtype=np.uint8), 8)
+    assert logits.shape == (1, 10) and np.isfinite(logits).all()
+    # without a choice in the profile: the engine's defaults
+    assert build_runtime(_settings(), profile_data={"rows": rows}).backend(8) == "onnxruntime-int8"
+
+
+@pytest.mark.parametrize(
+    ("backends", "message"),
+    [({"8": "onnxruntime-fp32"}, "'onnxruntime-fp32' cannot serve bits 8"), ({"8": "tpu"}, "'tpu' cannot serve bits 8")],
+)
+def test_a_profile_naming_a_backend_that_cannot_serve_its_bits_stops_the_start(
+    backends: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=f"profile_path: backend {message}"):
+        build_runtime(_settings(), profile_data={"rows": PROFILE["rows"], "backends": backends})
 
 
 # --- scheduling -------------------------------------------------------------------------------------
