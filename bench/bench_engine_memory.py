@@ -1,5 +1,6 @@
 """Memory: resident set of a process with every bits warmed vs one with only 8 bits warmed (target: at
-most 1.5x). Each measurement runs in a fresh subprocess so the two do not share allocations.
+most 1.5x). Each measurement runs in a fresh subprocess so the two do not share allocations. The engine
+runs the backends of the model's saved profile, as the server does.
 
     .venv/bin/python bench/bench_engine_memory.py [--model PATH] [--threads N] [--json]
 """
@@ -12,12 +13,14 @@ import subprocess
 import sys
 
 CHILD = """
-import resource, sys
-import numpy as np
+import json, sys
+from kernels import profiler
 from kernels.engine import Engine
 from model_store import artifact, fashion_mnist
 model = artifact.load(sys.argv[1])
-engine = Engine(model, threads=int(sys.argv[2]))
+saved = profiler.default_path(model)
+backends = json.loads(saved.read_text())["backends"] if saved.is_file() else None
+engine = Engine(model, threads=int(sys.argv[2]), backends=backends)
 images = fashion_mnist.load("test").images[:64][:, None]
 for bits in [int(b) for b in sys.argv[3].split(",")]:
     engine.run(images, bits)
