@@ -1,7 +1,8 @@
 """Engine vs reference engine: argmax agreement on the full 10,000-image Fashion-MNIST test set, per bits
-and backend (the CI test runs a subset). Prints a table; --json prints JSON on stdout.
+and backend (the CI test runs a subset). The backends are the saved profile's, as the server runs them,
+unless --backend names one for every bits asked. Prints a table; --json prints JSON on stdout.
 
-    .venv/bin/python bench/bench_engine_agreement.py [--model PATH] [--bits 1,2,8] [--limit N] [--json]
+    .venv/bin/python bench/bench_engine_agreement.py [--model PATH] [--bits 1,2,8] [--backend NAME] [--limit N] [--json]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 
+from kernels import profiler
 from kernels.engine import Engine
 from kernels.reference import ReferenceEngine
 from model_store import artifact, fashion_mnist
@@ -23,6 +25,7 @@ def main() -> int:
     parser.add_argument("--model", default=str(artifact.BUNDLED))
     parser.add_argument("--bits", default=None, help="comma-separated bits (default: all)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N test images")
+    parser.add_argument("--backend", default=None, help="this backend for every bits (default: the saved profile's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -31,7 +34,12 @@ def main() -> int:
     n = args.limit or len(test)
     images = test.images[:n][:, None]
     bits_list = [int(b) for b in args.bits.split(",")] if args.bits else list(model.bits)
-    engine, reference = Engine(model, threads=args.threads), ReferenceEngine(model)
+    saved = profiler.default_path(model)
+    if args.backend:
+        backends = {bits: args.backend for bits in bits_list}
+    else:
+        backends = json.loads(saved.read_text())["backends"] if saved.is_file() else None
+    engine, reference = Engine(model, threads=args.threads, backends=backends), ReferenceEngine(model)
     rows = []
     for bits in bits_list:
         t0 = time.perf_counter()
