@@ -34,11 +34,7 @@ def main() -> int:
     n = args.limit or len(test)
     images = test.images[:n][:, None]
     bits_list = [int(b) for b in args.bits.split(",")] if args.bits else list(model.bits)
-    saved = profiler.default_path(model)
-    if args.backend:
-        backends = {bits: args.backend for bits in bits_list}
-    else:
-        backends = json.loads(saved.read_text())["backends"] if saved.is_file() else None
+    backends = {bits: args.backend for bits in bits_list} if args.backend else profiler.saved_backends(model)
     engine, reference = Engine(model, threads=args.threads, backends=backends), ReferenceEngine(model)
     rows = []
     for bits in bits_list:

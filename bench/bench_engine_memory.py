@@ -13,14 +13,12 @@ import subprocess
 import sys
 
 CHILD = """
-import json, sys
+import sys
 from kernels import profiler
 from kernels.engine import Engine
 from model_store import artifact, fashion_mnist
 model = artifact.load(sys.argv[1])
-saved = profiler.default_path(model)
-backends = json.loads(saved.read_text())["backends"] if saved.is_file() else None
-engine = Engine(model, threads=int(sys.argv[2]), backends=backends)
+engine = Engine(model, threads=int(sys.argv[2]), backends=profiler.saved_backends(model))
 images = fashion_mnist.load("test").images[:64][:, None]
 for bits in [int(b) for b in sys.argv[3].split(",")]:
     engine.run(images, bits)

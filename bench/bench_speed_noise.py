@@ -16,7 +16,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from kernels import profiler
 from kernels.engine import Engine
@@ -40,9 +39,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     model = artifact.load(args.model)
-    saved = profiler.default_path(model)
-    backends = json.loads(Path(saved).read_text())["backends"] if saved.is_file() else None
-    engine = Engine(model, threads=1, backends=backends)
+    engine = Engine(model, threads=1, backends=profiler.saved_backends(model))
     images = fashion_mnist.load("test").images[: args.batch][:, None]
     cpu = sorted(os.sched_getaffinity(0))[0]
     for _ in range(10):
@@ -65,7 +62,7 @@ def main() -> int:
         }
         for s, v in sorted(per_image_ms.items())
     ]
-    medians = [r["ms_per_image"] for r in rows]
+    medians = [statistics.median(v) for _, v in sorted(per_image_ms.items())]
     summary = {"bits": args.bits, "batch": args.batch, "cpu": cpu, "min": min(medians), "max": max(medians)}
     summary["median"] = statistics.median(medians)
     for r in rows:

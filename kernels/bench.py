@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import statistics
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from kernels.engine import Engine, _session
+from kernels.engine import Backends, Engine, _session
 from kernels.profiler import percentile, time_runs
 from model_store import fashion_mnist
 from model_store.artifact import Artifact
@@ -87,7 +87,7 @@ def bench(
     threads: int = 1,
     bits_list: Sequence[int] = BITS,
     batches: Sequence[int] = BATCHES,
-    backends: Mapping[int | str, str] | None = None,
+    backends: Backends | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     engine = Engine(artifact, threads=threads, backends=backends)

@@ -32,6 +32,7 @@ REFERENCE = "reference"
 NATIVE_PREFIX = "native"
 
 Runner = Callable[[np.ndarray], np.ndarray]
+Backends = Mapping[int, str] | Mapping[str, str]  # bits (or its string, as in a profile file) -> backend
 
 
 def default_backend(bits: int) -> str:
@@ -87,7 +88,7 @@ def _float64_nhwc(x: np.ndarray) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, threads: int = 1, backends: Mapping[int | str, str] | None = None):
+    def __init__(self, artifact: Artifact, threads: int = 1, backends: Backends | None = None):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, not {threads}")
         self.artifact = artifact

@@ -216,6 +216,17 @@ def default_path(artifact: Artifact) -> Path:
     return artifact.path.with_suffix(".profile.json")
 
 
+def saved_backends(artifact: Artifact) -> dict[str, str] | None:
+    """The backend per bits of the model's saved profile (what the server runs), or None without one."""
+    path = default_path(artifact)
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text())["backends"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read backends from profile {path}: {exc!r}") from None
+
+
 def matches(profile_: dict[str, Any], artifact: Artifact, threads: int) -> bool:
     """Whether a saved profile was made on this hardware, thread count and model."""
     return profile_.get("fingerprint") == fingerprint(threads) and profile_.get("model_sha256") == model_sha256(

@@ -195,17 +195,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kernels import profiler
 
     model = artifact.load(args.model)
-    backends = None
-    path = args.profile or profiler.default_path(model)
-    if args.profile or path.is_file():  # the server's backends: the saved profile's choice
-        try:
-            backends = json.loads(path.read_text())["backends"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise SystemExit(f"apserve: cannot read backends from profile {path}: {exc!r}") from None
     try:
+        # by default the server's backends: the saved profile's choice
+        backends = json.loads(args.profile.read_text())["backends"] if args.profile else profiler.saved_backends(model)
         result = bench.bench(model, threads=args.threads, backends=backends)
-    except ValueError as exc:
-        raise SystemExit(f"apserve: {exc}") from None
+    except (OSError, KeyError, ValueError) as exc:
+        raise SystemExit(f"apserve bench: {exc!r}") from None
     if args.json:
         _print_json(result)
     else:

@@ -241,7 +241,10 @@ def test_the_engine_runs_the_backend_the_profile_measured() -> None:
 
 @pytest.mark.parametrize(
     ("backends", "message"),
-    [({"8": "onnxruntime-fp32"}, "'onnxruntime-fp32' cannot serve bits 8"), ({"8": "tpu"}, "'tpu' cannot serve bits 8")],
+    [
+        ({"8": "onnxruntime-fp32"}, "'onnxruntime-fp32' cannot serve bits 8"),
+        ({"8": "tpu"}, "'tpu' cannot serve bits 8"),
+    ],
 )
 def test_a_profile_naming_a_backend_that_cannot_serve_its_bits_stops_the_start(
     backends: dict[str, str], message: str
