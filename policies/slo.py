@@ -5,8 +5,11 @@ whose profiled latency fits it, the largest batch. We switch bits instead of sub
 decision (queue already in priority, then earliest-deadline order):
 
 1. Refuse early: plan the whole queue at each request's cheapest bits, in batches as full as the
-   deadlines allow (``Planner.late_in_plan``). A request that misses even in that plan, without the
-   margin, is refused now, not served late: serving it would only make the requests behind it late too.
+   deadlines allow (``Planner.late_in_plan``). A request that misses its deadline less ``margin_ms`` even
+   in that plan is refused now, not served late: serving it would only make the requests behind it late
+   too. The margin counts here as everywhere (since session 5, as in `power`): it is the part of the
+   client's latency the server cannot see, so an answer inside it reaches the client late all the same,
+   and on a VM whose speed swings, serving those at the brink is what let a slow second cascade.
 2. The head (most urgent request) fixes the candidate bits (``Planner.candidates``: Pareto bits in its
    bounds, its hint, strict hints exactly). For each bits, most accurate first, the batch is the longest
    queue-order run of requests allowing those bits whose predicted latency ends before the earliest
@@ -54,12 +57,8 @@ class SloPolicy:
         if not snapshot.queue:
             return IDLE
         planner = Planner(snapshot, self.margin_ms / 1000.0)
-        # refuse only what is late even without the margin: the margin stands for delays the profile does
-        # not see, so a request inside it may still make it, and at the cheapest bits it costs the others
-        # little; the bits and batches are still chosen with the margin
-        hopeless = Planner(snapshot) if self.margin_ms > 0 else planner
         now = snapshot.now
-        late = hopeless.late_in_plan(snapshot.queue, now)
+        late = planner.late_in_plan(snapshot.queue, now)
         late_ids = {r.id for r in late}
         reject = tuple(r.id for r in late)
         queue = [r for r in snapshot.queue if r.id not in late_ids]
@@ -92,7 +91,7 @@ class SloPolicy:
         if chosen is None and cheapest is not None:  # overload: the cheapest bits, as full as allowed
             batch = take_fitting(planner, queue, cheapest, accept)
             if batch and batch[0].id == head.id:
-                n = planner.fitting_prefix(batch, cheapest, now) or hopeless.fitting_prefix(batch, cheapest, now)
+                n = planner.fitting_prefix(batch, cheapest, now)
                 chosen = (cheapest, batch[: max(n, 1)], "overload")
         if chosen is None:
             base = capped or Decision(bits=None, reason="no bits allowed for the head request")

@@ -92,11 +92,14 @@ def test_slo_moves_down_under_load_and_keeps_every_deadline_it_can() -> None:
     decision = checked(build("slo").decide(s), s)
     # 100 images in 38 ms (40 less the margin): only 1 bit in full batches (11.5 ms each) keeps up
     assert decision.bits == 1 and decision.requests == tuple(range(32)) and decision.reject == ()
-    # 120 do not fit even so. Refusal ignores the margin (it stands for delays that may not come): in
-    # the full 40 ms, 3 full batches (34.6 ms) + 15 more fit; the other 9 are refused now, while the 6
-    # that fit only without the margin (105..110) are kept and served at the cheapest bits
+    # 120 do not fit even so: in 38 ms, 3 full batches (34.6 ms) + 9 more fit; the other 15 are refused
+    # now, including the 6 (105..110) that would fit only inside the margin: their answers would reach
+    # the client late all the same
     s = snap([req(i, arrival=0.0, slo_ms=40) for i in range(120)], now=0.0)
     decision = checked(build("slo").decide(s), s)
+    assert decision.bits == 1 and decision.reject == tuple(range(105, 120))
+    # without a margin, exactly those 6 are kept
+    decision = checked(build("slo", margin_ms=0.0).decide(s), s)
     assert decision.bits == 1 and decision.reject == tuple(range(111, 120))
 
 
