@@ -43,9 +43,13 @@ class CompositePolicy:
             return Decision(
                 bits=None, reason=waiting.reason, reject=tuple(r.id for r in late), wait_until=waiting.wait_until
             )
-        rate, most = snapshot.arrival_rate, snapshot.max_batch_size
+        unsustainable = {
+            b
+            for b in planner.candidates(head)
+            if b != cheapest and not cap.sustainable(b, snapshot.arrival_rate, snapshot.max_batch_size)
+        }
 
         def fits(bits: int, images: int) -> bool:
-            return cap.accept(bits, images) and (bits == cheapest or cap.sustainable(bits, rate, most))
+            return bits not in unsustainable and cap.accept(bits, images)
 
         return self.slo.decide_within(snapshot, fits, capped=waiting)

@@ -9,9 +9,9 @@ that, wait until the budget has refilled at ``budget - idle`` watts.
 
 Sustain means: arrivals per second x the bits' lowest energy per image over batch sizes up to
 ``max_batch_size`` <= ``budget - idle`` (the lowest, because a budget-bound queue grows into larger,
-cheaper batches by itself). Without it, an overloaded queue that drains to one or two requests between refills gets them at the most accurate bits
-the window's last joules allow (fp32 costs 3.4 times 1 bit per image on the bundled profile), and every
-such answer costs several cheap ones that are then refused. With no arrival rate known, every bits is
+cheaper batches by itself). Without it, an overloaded queue that drains to one or two requests between
+refills gets them at the most accurate bits the window's last joules allow (fp32 costs 3.4 times 1 bit
+per image on the bundled profile), and every such answer costs several cheap ones that are then refused. With no arrival rate known, every bits is
 taken as sustainable.
 
 Choosing bits for deadlines is not this policy's business (`composite` adds it), but spending the budget on
@@ -106,9 +106,9 @@ class PowerPolicy:
         if not cap.accept(cheapest, head.size):  # exhausted: nothing can run, skip the search
             return cap.wait(now, cheapest, head.size, reject)
         for bits in candidates:
-            batch = planner.fill(queue, bits)
             if bits != cheapest and not cap.sustainable(bits, snapshot.arrival_rate, snapshot.max_batch_size):
                 continue
+            batch = planner.fill(queue, bits)
             on_time = planner.fitting_prefix(batch, bits, now)
             if on_time and cap.accept(bits, sum(r.size for r in batch)):
                 ids = tuple(r.id for r in batch[:on_time])

@@ -187,13 +187,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kernels import bench
+    from kernels import bench, profiler
     from model_store import artifact
 
     if args.threads < 1:
         raise SystemExit("apserve: --threads must be at least 1")
-    from kernels import profiler
-
     model = artifact.load(args.model)
     try:
         # by default the server's backends: the saved profile's choice
