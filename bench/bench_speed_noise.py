@@ -45,19 +45,23 @@ def main() -> int:
     for _ in range(10):
         engine.run(images, args.bits)
     per_image_ms: dict[int, list[float]] = {}
+    cpu_per_image_ms: dict[int, list[float]] = {}
     steal_at: dict[int, int] = {}
     t0 = time.perf_counter()
     while (t := time.perf_counter()) < t0 + args.seconds:
         second = int(t - t0)
         steal_at.setdefault(second, steal_ticks(cpu))
+        cpu_t = time.thread_time()
         engine.run(images, args.bits)
         per_image_ms.setdefault(second, []).append((time.perf_counter() - t) * 1000 / args.batch)
+        cpu_per_image_ms.setdefault(second, []).append((time.thread_time() - cpu_t) * 1000 / args.batch)
     steal_at[args.seconds] = steal_ticks(cpu)
     tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
     rows = [
         {
             "second": s,
             "ms_per_image": statistics.median(v),
+            "cpu_ms_per_image": statistics.median(cpu_per_image_ms[s]),
             "steal_ms": (steal_at[s + 1] - steal_at[s]) * tick_ms if s + 1 in steal_at else None,
         }
         for s, v in sorted(per_image_ms.items())
@@ -66,7 +70,11 @@ def main() -> int:
     summary = {"bits": args.bits, "batch": args.batch, "cpu": cpu, "min": min(medians), "max": max(medians)}
     summary["median"] = statistics.median(medians)
     for r in rows:
-        print(f"{r['second']:3d} s  {r['ms_per_image']:.3f} ms/image  steal {r['steal_ms']} ms", file=sys.stderr)
+        print(
+            f"{r['second']:3d} s  {r['ms_per_image']:.3f} ms/image  thread CPU {r['cpu_ms_per_image']:.3f} ms/image  "
+            f"steal {r['steal_ms']} ms",
+            file=sys.stderr,
+        )
     print(
         f"per-second median ms/image: min {summary['min']:.3f}, median {summary['median']:.3f}, "
         f"max {summary['max']:.3f} ({summary['max'] / summary['min']:.2f} x the fastest second)",

@@ -12,7 +12,10 @@
 2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
-   SLO attainment, served accuracy, p50/p99, refused, energy; then `apserve simulate` on the same trace.
+   SLO attainment, served accuracy, p50/p99, refused, energy; then `apserve simulate` on the same trace,
+   twice: as profiled, and replaying how fast the machine ran during that policy's run (the server's
+   engine CPU time over its profiled time, per 1 s scrape: machine-speed.csv, policies.machine_speed).
+   The first is the prediction; the second separates the model of the server from the VM's speed swings.
 4. /metrics overhead: fixed-8 saturated with and without a 1 s scrape, alternated on one server; and the
    server's CPU time per scrape (/proc/PID/stat over 200 scrapes).
 
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from loadtest.runner import LoadtestOptions, Server, get, run  # noqa: E402
 from loadtest.shapes import arrivals, build_shape, write_trace  # noqa: E402
+from policies.machine_speed import MachineSpeed, write_csv  # noqa: E402
 from policies.slo import SloPolicy  # noqa: E402
 
 SERVER_CPU, LOAD_CPU = "0", "1"
@@ -87,13 +91,15 @@ def closed_loop(out: Path, policy: str, seconds: float, users: int, **kw: Any) -
 
 
 def engine_seconds_and_answers(url: str) -> tuple[float, float]:
-    """(seconds spent in Engine.run, requests answered 200) so far, from the server's /metrics."""
+    """(CPU seconds of the engine's thread in Engine.run, requests answered 200) so far, from the server's
+    /metrics. CPU time rather than the batches' wall time: the event loop preempts the engine's thread on
+    the shared core, and that time is the front end's."""
     from prometheus_client.parser import text_string_to_metric_families
 
     compute = answered = 0.0
     for family in text_string_to_metric_families(get(f"{url}/metrics")[1].decode()):
         for sample in family.samples:
-            if sample.name == "apserve_compute_duration_seconds_sum":
+            if sample.name == "apserve_engine_cpu_seconds_total":
                 compute += sample.value
             elif sample.name == "apserve_requests_total" and sample.labels.get("outcome") == "ok":
                 answered += sample.value
@@ -130,11 +136,29 @@ def request_cost(work: Path, env: dict[str, str], seconds: float) -> tuple[float
     return cost_s, round(unseen_latency_p90_ms(work / "request-cost" / "requests.csv"), 1)
 
 
+def machine_speed(report: dict[str, Any]) -> MachineSpeed | None:
+    """The engine's speed per scrape interval of a run (loadtest report time series), from the time of the
+    run's first request, which is the trace's start to within one inter-arrival gap."""
+    ts = report.get("timeseries", {})
+    times, speeds = ts.get("scrape_t", []), ts.get("scrape_engine_speed", [])
+    rows = [(max(0.0, t), f) for t, f in zip(times, speeds[1:], strict=False) if f is not None]
+    rows = [row for i, row in enumerate(rows) if i == 0 or row[0] > rows[i - 1][0]]
+    return MachineSpeed(tuple(t for t, _ in rows), tuple(f for _, f in rows)) if rows else None
+
+
 def simulate(
-    trace: Path, policy: str, slo_ms: float, options: dict[str, Any], profile: Path | None, cost_s: float
+    trace: Path,
+    policy: str,
+    slo_ms: float,
+    options: dict[str, Any],
+    profile: Path | None,
+    cost_s: float,
+    speed: Path | None = None,
 ) -> dict[str, Any]:
     cmd = [str(Path(sys.executable).with_name("apserve")), "simulate", "--trace", str(trace), "--policy", policy]
     cmd += ["--slo-ms", f"{slo_ms:g}", "--request-cost-us", f"{cost_s * 1e6:.1f}", "--json"]
+    if speed is not None:
+        cmd += ["--machine-speed", str(speed)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     if options:
@@ -307,6 +331,7 @@ def main() -> int:
 
     results: dict[str, dict[str, Any]] = {}
     sims: dict[str, dict[str, Any]] = {}
+    replayed: dict[str, dict[str, Any]] = {}
     budget = args.power_budget
     for policy in args.policies.split(","):
         options: dict[str, Any] = {}
@@ -337,6 +362,12 @@ def main() -> int:
         results[policy] = run(opts, progress=False)
         results[policy]["vm_steal_s"] = {c: cpu_steal_s().get(c, 0.0) - v for c, v in steal_before.items()}
         sims[policy] = simulate(trace, policy, args.slo_ms, options, profile, cost_s)
+        speed = machine_speed(results[policy])
+        if speed is not None:
+            speed_csv = args.work / policy / "machine-speed.csv"
+            write_csv(speed_csv, speed)
+            replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, cost_s, speed_csv)
+            replayed[policy]["machine_speed"] = {"min": min(speed.factors), "max": max(speed.factors)}
 
     overhead = metrics_overhead(args.work, no_deadline, args.overhead_s) if args.overhead_s > 0 else None
 
@@ -356,6 +387,7 @@ def main() -> int:
         "pinning": {"server": f"taskset -c {SERVER_CPU}, 1 engine thread", "locust": f"taskset -c {LOAD_CPU}"},
         "http": {p: {k: v for k, v in r.items() if k != "timeseries"} for p, r in results.items()},
         "simulated": sims,
+        "simulated_with_machine_speed": replayed,
         "metrics_overhead": overhead,
         "plots": [str(p.relative_to(args.docs)) for p in figures],
         "wall_s": time.time() - started,
@@ -369,20 +401,18 @@ def main() -> int:
     print()
     print(
         "| policy | SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
-        "| simulated: attainment / accuracy | VM steal, server / load core |"
+        "| simulated: attainment / accuracy | simulated with the run's machine speed | engine speed, min–max "
+        "| VM steal, server / load core |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for policy, r in results.items():
-        sim = sims[policy]
-        sim_att = (
-            f"{_fmt(sim.get('slo_attainment'), 100)} % / {_fmt(sim.get('served_accuracy'), 100, 2)} %"
-            if "slo_attainment" in sim
-            else f"n/a ({sim.get('error')})"
-        )
+        again = replayed.get(policy, {})
+        speed = again.get("machine_speed")
         print(
             f"| {policy} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['rejected']} of {r['requests']} | "
-            f"{_fmt(r['energy_j'])} | {sim_att} | {_steal(r.get('vm_steal_s', {}))} |"
+            f"{_fmt(r['energy_j'])} | {_sim(sims[policy])} | {_sim(again)} | "
+            f"{_span(speed)} | {_steal(r.get('vm_steal_s', {}))} |"
         )
     if overhead:
         print()
@@ -394,6 +424,16 @@ def main() -> int:
             f"{overhead['server_cpu_ms_per_scrape'] / 10:.2f} % of its core at one scrape a second"
         )
     return 0
+
+
+def _span(speed: dict[str, float] | None) -> str:
+    return f"{speed['min']:.2f}–{speed['max']:.2f}" if speed else "n/a"
+
+
+def _sim(sim: dict[str, Any]) -> str:
+    if "slo_attainment" not in sim:
+        return f"n/a ({sim.get('error', 'not run')})"
+    return f"{_fmt(sim.get('slo_attainment'), 100)} % / {_fmt(sim.get('served_accuracy'), 100, 2)} %"
 
 
 def _steal(steal: dict[str, float]) -> str:

@@ -124,7 +124,29 @@ def _timeseries(
         series["scrape_t"] = [s["t"] - t0 for s in samples]
         for key in ("served_accuracy", "power_watts", "queue_depth"):
             series[f"scrape_{key}"] = [s.get(key) for s in samples]
+        pairs = list(zip(samples, samples[1:], strict=False))
+        series["scrape_engine_speed"] = [None, *(_engine_speed(a, b) for a, b in pairs)]
+        series["scrape_batch_gap_ms"] = [None, *(_mean_gap_ms(a, b) for a, b in pairs)]
     return series
+
+
+def _engine_speed(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    """Engine CPU time over profiled time between two scrapes: 1 runs as profiled, 1.5 takes half as long
+    again (the machine, not the load: it is the engine thread's own CPU time). None without batches."""
+    keys = ("engine_cpu_seconds_total", "engine_profiled_seconds_total")
+    if not all(k in before and k in after for k in keys):
+        return None
+    profiled = after[keys[1]] - before[keys[1]]
+    return (after[keys[0]] - before[keys[0]]) / profiled if profiled > 0 else None
+
+
+def _mean_gap_ms(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    """Mean engine idle time between batches while requests waited, between two scrapes (ms)."""
+    keys = ("batch_gap_seconds_sum", "batch_gap_seconds_count")
+    if not all(k in before and k in after for k in keys):
+        return None
+    count = after[keys[1]] - before[keys[1]]
+    return 1e3 * (after[keys[0]] - before[keys[0]]) / count if count > 0 else None
 
 
 def plot(report: Mapping[str, Any], out_dir: Path, title: str = "") -> list[Path]:

@@ -160,6 +160,25 @@ class AnswerDelay(_Recent):
             self._observe(min(self.high, seconds), now)
 
 
+@dataclass
+class BatchGap(_Recent):
+    """Time the engine stands idle between two batches while requests wait, lately: the finished batch's
+    results handed to the event loop, the answers, the next decision, the hand-off to a worker thread. It
+    is a cost per batch that no profile measures; the event loop takes it on the engine's core, so it
+    grows with the load. The planner adds it to every batch (``Snapshot.batch_gap_s``): a queue served in
+    many small batches then costs what it really costs. Bounded so that one stall cannot make every
+    deadline look hopeless."""
+
+    neutral: float = 0.0
+    up: float = 0.2
+    down: float = 0.05
+    high: float = 0.01
+
+    def observe(self, seconds: float, now: float) -> None:
+        if seconds >= 0.0:
+            self._observe(min(self.high, seconds), now)
+
+
 class ArrivalRate:
     """Images arriving per second over the last ``window_s``: how much work will join the queue while a
     batch runs (``Snapshot.arrival_rate``). The server and the simulator both feed it."""
@@ -201,6 +220,7 @@ class Snapshot:
     latency_scale: float = 1.0  # LatencyScale.value(now): planned latency = profile x this
     answer_delay_s: float = 0.0  # AnswerDelay.value(now): kept free before every deadline, beside the margin
     arrival_rate: float = 0.0  # ArrivalRate.value(now): images per second arriving lately
+    batch_gap_s: float = 0.0  # BatchGap.value(now): the engine's idle time per batch, added to every batch
 
 
 @dataclass(frozen=True)

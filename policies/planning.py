@@ -39,8 +39,9 @@ class Planner:
         return (rank, -self.profile.latency(bits, 1), -bits)
 
     def latency(self, bits: int, images: int) -> float:
-        """Predicted latency of a batch: the profile, scaled by what batches lately really took."""
-        return self.profile.latency(bits, images) * self.snap.latency_scale
+        """Predicted latency of a batch: the profile, scaled by what batches lately really took, and the
+        idle time between batches."""
+        return self.profile.latency(bits, images) * self.snap.latency_scale + self.snap.batch_gap_s
 
     def candidates(self, req: QueuedRequest) -> tuple[int, ...]:
         """Bits ``req`` may get, most preferable first."""

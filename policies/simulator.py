@@ -12,6 +12,14 @@ The front end (HTTP in and out) shares the engine's core when ``request_cost_s``
 of r per second (over the last second) it takes r * request_cost_s of the core, and a batch that needs L
 seconds of engine time takes L / (1 - that share). The policy sees what batches really took through
 ``Snapshot.latency_scale``, exactly as the server's scheduler measures it.
+
+``machine_speed`` replays how fast the machine itself ran (policies.machine_speed): a batch starting at t
+takes its profiled latency x ``machine_speed.at(t)`` before the front end's share. The energy charged stays
+the profiled one, as the server's power model charges it.
+
+The server's engine also stands idle between batches while the event loop sends the last batch's answers
+(``Snapshot.batch_gap_s``). That is front-end work too, which the model above already charges to the batches
+through the front end's share, so here the gap is 0.
 """
 
 from __future__ import annotations
@@ -23,8 +31,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policies.base import ArrivalRate, Decision, LatencyScale, Policy, PowerState, QueuedRequest, Snapshot
+from policies.base import (
+    ArrivalRate,
+    Decision,
+    LatencyScale,
+    Policy,
+    PowerState,
+    QueuedRequest,
+    Snapshot,
+)
 from policies.energy import EnergyWindow, PowerModel
+from policies.machine_speed import MachineSpeed
 from policies.profile import Profile
 from policies.traces import Trace
 
@@ -50,6 +67,7 @@ class SimConfig:
     budget_w: float | None = None  # reported to the policy in the power state
     cascade: CascadeOutcome | None = None
     request_cost_s: float = 0.0  # front-end CPU per request on the engine's core (see the module doc)
+    machine_speed: MachineSpeed | None = None  # None: the machine always runs as profiled
 
 
 @dataclass
@@ -222,8 +240,11 @@ def simulate(
                 engine_s += latency.latency(decision.escalate_to, k)
                 busy += model.busy_energy(latency, decision.escalate_to, k)
                 escalated_rows += k
+        profiled_s = engine_s
+        if config.machine_speed is not None:
+            engine_s *= config.machine_speed.at(now)
         wall_s = engine_s * rep.slowdown(now, config.request_cost_s)
-        rep.scale.observe(wall_s, engine_s, now + wall_s)
+        rep.scale.observe(wall_s, profiled_s, now + wall_s)
         end = now + wall_s
         for req, up in zip(batch, escalate, strict=True):
             finish[req.id] = end

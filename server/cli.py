@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from policies import cascade, profile, simulator, traces
+    from policies import cascade, machine_speed, profile, simulator, traces
     from policies.energy import PowerModel
     from policies.registry import PolicyError, build_policy
 
@@ -123,6 +123,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             budget_w=budget,
             cascade=outcome,
             request_cost_s=args.request_cost_us / 1e6,
+            machine_speed=machine_speed.read_csv(args.machine_speed) if args.machine_speed else None,
         )
         result = simulator.simulate(lambda: build_policy(args.policy, options), trace, prof, config)
     except (profile.ProfileError, traces.TraceError, PolicyError, OSError, TypeError, ValueError) as exc:
@@ -287,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="front-end CPU per request on the engine's core (HTTP in and out): slows batches as arrivals rise",
+    )
+    p.add_argument(
+        "--machine-speed",
+        type=Path,
+        default=None,
+        help="CSV t_s,factor: how much slower than profiled the machine ran from each time on (replayed)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_simulate)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+GAP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OUTCOMES = ("ok", "rejected", "timeout", "invalid", "error")
 REJECTION_REASONS = ("queue_full", "deadline", "strict_unservable", "shutdown")
@@ -42,6 +43,23 @@ class Metrics:
             "Engine time per batch",
             ["bits"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # their ratio of rates is how much slower the engine runs than when it was profiled: CPU time of
+        # the thread that called the engine, so time the event loop took from it does not count
+        self.engine_cpu = Counter(
+            "apserve_engine_cpu_seconds_total", "Engine CPU time of the calling thread", ["bits"], registry=r
+        )
+        self.engine_profiled = Counter(
+            "apserve_engine_profiled_seconds_total",
+            "What the profile predicted for the same batches",
+            ["bits"],
+            registry=r,
+        )
+        self.batch_gap = Histogram(
+            "apserve_batch_gap_seconds",
+            "Engine idle between a batch's end and the next batch's start while requests waited",
+            buckets=GAP_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(

@@ -27,6 +27,7 @@ import numpy as np
 from policies.base import (
     AnswerDelay,
     ArrivalRate,
+    BatchGap,
     Decision,
     LatencyProfile,
     LatencyScale,
@@ -93,6 +94,8 @@ class _BitsSeries:
     ok: Any
     duration: Any
     compute: Any
+    engine_cpu: Any
+    engine_profiled: Any
     batch_size: Any
     images: Any
 
@@ -103,12 +106,20 @@ class _BitsSeries:
             ok=m.requests.labels(outcome="ok", bits=label),
             duration=m.request_duration.labels(bits=label),
             compute=m.compute_duration.labels(bits=label),
+            engine_cpu=m.engine_cpu.labels(bits=label),
+            engine_profiled=m.engine_profiled.labels(bits=label),
             batch_size=m.batch_size.labels(bits=label),
             images=m.images.labels(bits=label),
         )
 
 
-_Result = tuple[np.ndarray, float, float]  # a batch's logits, engine seconds, time.monotonic() at its end
+@dataclass(frozen=True, slots=True)
+class _Result:
+    logits: np.ndarray
+    seconds: float  # Engine.run, wall
+    cpu_seconds: float  # Engine.run, CPU time of the calling thread
+    end: float  # time.monotonic() when it returned
+    gap: float | None = None  # idle since the previous batch's end, when this batch was waiting for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +127,7 @@ class _Job:
     batch: list[_Pending]
     bits: int
     decision: Decision
+    after: float | None = None  # the end of the batch whose completion started this one (requests waited)
 
 
 def _order_key(req: QueuedRequest) -> tuple[int, float, float, int]:
@@ -151,6 +163,8 @@ class Scheduler:
         self._latency_scale = LatencyScale()  # observed / profiled batch latency, fed by every batch
         self._answer_delay = AnswerDelay()  # from a batch's end to its answers sent, fed by the endpoints
         self._arrival_rate = ArrivalRate()  # images admitted per second, lately
+        self._batch_gap = BatchGap()  # engine idle between batches while requests waited
+        self._backlog_end: float | None = None  # set while _finish starts the next batch
         self.config = config
         self.metrics = metrics
         self.power_meter = power_meter
@@ -305,7 +319,8 @@ class Scheduler:
 
     def _latency(self, bits: int, size: int) -> float:
         """What a batch is expected to take now: the profile, scaled as the policies scale it."""
-        return self._profiled(bits, size) * self._latency_scale.value(time.monotonic())
+        now = time.monotonic()
+        return self._profiled(bits, size) * self._latency_scale.value(now) + self._batch_gap.value(now)
 
     def _retry_after(self) -> int:
         images = sum(p.request.size for p in self._queue)
@@ -384,6 +399,7 @@ class Scheduler:
             latency_scale=self._latency_scale.value(now),
             answer_delay_s=self._answer_delay.value(now),
             arrival_rate=self._arrival_rate.value(now),
+            batch_gap_s=self._batch_gap.value(now),
             accuracy=self.config.accuracy,
             max_batch_size=self.config.max_batch_size,
             default_bits=self.config.default_bits,
@@ -441,7 +457,8 @@ class Scheduler:
             pending.queue_s += now - pending.request.arrival if not pending.escalated else 0.0
             self.metrics.queue_duration.observe(now - pending.request.arrival)
         self._inflight += 1
-        self._jobs.put(_Job(chosen, bits, decision))
+        after, self._backlog_end = self._backlog_end, None
+        self._jobs.put(_Job(chosen, bits, decision, after))
         return 0.0
 
     def _work(self) -> None:
@@ -449,8 +466,12 @@ class Scheduler:
         assert self._loop is not None
         yield_to_event_loop()
         while (job := self._jobs.get()) is not None:
+            started = time.monotonic()
+            result: _Result | BaseException
             try:
-                result: _Result | BaseException = _compute(self.engine, [p.images for p in job.batch], job.bits)
+                result = _compute(self.engine, [p.images for p in job.batch], job.bits)
+                if job.after is not None:
+                    result = replace(result, gap=started - job.after)
             except Exception as exc:
                 result = exc
             self._loop.call_soon_threadsafe(self._finish, job, result)
@@ -466,7 +487,10 @@ class Scheduler:
                 if not self._unrecorded:  # queued behind the answers' wake-ups: runs once they are written
                     self._loop.call_soon(self.record_energy)
                 self._unrecorded.append((job.bits, result))
+            # a batch started now waited for this one: the time until it starts is the batch gap
+            self._backlog_end = None if isinstance(result, BaseException) else result.end
             self._kick()  # a decision records the energy first
+            self._backlog_end = None
             if self._closing:  # the loop task ends once nothing is queued or running
                 self._wake.set()
 
@@ -477,9 +501,9 @@ class Scheduler:
         if self._on_batch is None:
             return
         batches, self._unrecorded = self._unrecorded, []
-        for bits, (logits, seconds, end) in batches:
+        for bits, result in batches:
             try:
-                self._on_batch(bits, int(logits.shape[0]), seconds, end)
+                self._on_batch(bits, int(result.logits.shape[0]), result.seconds, result.end)
             except Exception:
                 log.exception("power meter failed to record a batch")
 
@@ -493,12 +517,18 @@ class Scheduler:
                 if not pending.future.done():
                     pending.future.set_exception(Refused(500, "error", f"engine failed: {result}"))
             return
-        logits, seconds, end = result
+        logits, seconds, end = result.logits, result.seconds, result.end
         images = int(logits.shape[0])
         series = self._series(bits)
         self._batch_counter(bits, reason).inc()
         series.compute.observe(seconds)
-        self._latency_scale.observe(seconds, self._profiled(bits, images), end)
+        profiled = self._profiled(bits, images)
+        series.engine_cpu.inc(result.cpu_seconds)
+        series.engine_profiled.inc(profiled)
+        self._latency_scale.observe(seconds, profiled, end)
+        if result.gap is not None:
+            self.metrics.batch_gap.observe(result.gap)
+            self._batch_gap.observe(result.gap, end)
         series.batch_size.observe(images)
         series.images.inc(images)
         self._track_accuracy(bits, images)
@@ -603,7 +633,7 @@ def _compute(engine: Runner, arrays: list[np.ndarray], bits: int) -> _Result:
         batch = np.concatenate(arrays)
     else:  # mixed datatypes: the engine's float input is pixels / 255
         batch = np.concatenate([a.astype(np.float32) / np.float32(255.0) if a.dtype == np.uint8 else a for a in arrays])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.thread_time()
     logits = engine.run(batch.reshape(-1, 1, 28, 28), bits)
-    seconds, end = time.perf_counter() - start, time.monotonic()
-    return np.asarray(logits, dtype=np.float32), seconds, end
+    seconds, cpu_seconds, end = time.perf_counter() - start, time.thread_time() - cpu_start, time.monotonic()
+    return _Result(np.asarray(logits, dtype=np.float32), seconds, cpu_seconds, end)

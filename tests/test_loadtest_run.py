@@ -52,6 +52,9 @@ def test_loadtest_starts_a_server_and_writes_a_sane_report(tmp_path: Path) -> No
     assert set(report["bits"]) <= {"1", "2"}  # the hint policy honours the hints
     assert report["p50_ms"] <= report["p99_ms"]
     assert report["energy_j"] is not None and report["energy_j"] >= 0
+    # the engine's speed against its profile, per scrape interval, from the server's engine counters
+    speeds = [v for v in report["timeseries"]["scrape_engine_speed"] if v is not None]
+    assert speeds and all(0.0 < v < 20.0 for v in speeds), speeds
     for name in ("latency.png", "bits.png", "throughput.png", "accuracy.png"):
         assert (out / name).read_bytes().startswith(PNG), name
     rows = (out / "requests.csv").read_text().splitlines()

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from policies.base import AnswerDelay, ArrivalRate, Decision, LatencyScale, PowerState, QueuedRequest, Snapshot
+from policies.base import (
+    AnswerDelay,
+    ArrivalRate,
+    BatchGap,
+    Decision,
+    LatencyScale,
+    PowerState,
+    QueuedRequest,
+    Snapshot,
+)
 from policies.profile import standin_profile
 from policies.registry import PolicyError, build_policy, names
 
@@ -117,6 +126,24 @@ def test_slo_keeps_the_observed_answer_delay_free_before_deadlines() -> None:
     s = snap([req(0, slo_ms=8 + 2.0)])
     late = dataclasses.replace(s, answer_delay_s=0.005)
     assert checked(build("slo").decide(late), late).bits == 5
+
+
+def test_slo_adds_the_observed_batch_gap_to_every_batch() -> None:
+    """The engine lately stood idle before each batch: of 8 ms of slack, with 2 ms idle fp32 (3.5 + 2)
+    still fits; with 5 ms, fp32 (3.5 + 5) no longer does and 5 bits (1.9 + 5) does."""
+    s = snap([req(0, slo_ms=8 + 2.0)])
+    gap = dataclasses.replace(s, batch_gap_s=0.002)
+    assert checked(build("slo").decide(gap), gap).bits == 32
+    wider = dataclasses.replace(s, batch_gap_s=0.005)  # 3.5 + 5 > 8: no longer
+    assert checked(build("slo").decide(wider), wider).bits == 5
+
+
+def test_batch_gap_is_bounded_and_relaxes() -> None:
+    gap = BatchGap()
+    for _ in range(50):
+        gap.observe(1.0, now=0.0)  # long stalls: bounded
+    assert 0.9 * gap.high < gap.value(0.0) <= gap.high
+    assert gap.value(60.0) < 1e-6
 
 
 def test_answer_delay_rises_faster_than_it_falls_and_is_bounded() -> None:

@@ -297,6 +297,54 @@ def test_batches_slower_than_the_profile_raise_the_planned_latency() -> None:
     run(test)
 
 
+def test_engine_cpu_and_profiled_time_are_counted_apart_from_wall_time() -> None:
+    """A batch that sleeps takes wall time but no CPU time: the engine's CPU counter tells a slow machine
+    (more CPU for the same batch) from a core the engine had to share (more wall time only)."""
+
+    def sample(text: str, name: str) -> float:
+        found = re.search(rf'^{name}{{bits="4"}} (\S+)$', text, re.M)
+        assert found is not None, name
+        return float(found.group(1))
+
+    async def test() -> None:
+        async with serving(SlowEngine()) as c:
+            for i in range(5):
+                r = await c.post(INFER, json=body(i, parameters={"precision": 4}))
+                assert r.status_code == 200 and r.json()["parameters"]["batch_size"] == 1
+            text = (await c.get("/metrics")).text
+            assert sample(text, "apserve_engine_profiled_seconds_total") == pytest.approx(5 * 0.002)
+            wall = sample(text, "apserve_compute_duration_seconds_sum")
+            cpu = sample(text, "apserve_engine_cpu_seconds_total")
+            assert wall >= 5 * 0.02 and 0.0 < cpu < 0.25 * wall
+
+    run(test)
+
+
+def test_the_engine_idle_time_between_batches_is_measured_while_requests_wait() -> None:
+    async def test() -> None:
+        engine = GatedEngine()
+        async with serving(engine) as c:
+            engine.gate.clear()
+            first = asyncio.create_task(c.post(INFER, json=body(1)))
+            await wait_for(engine.started.is_set, "the first batch")
+            second = asyncio.create_task(c.post(INFER, json=body(2)))  # waits for the first batch
+            for _ in range(100):
+                if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the second request never showed in apserve_queue_depth")
+            engine.gate.set()
+            assert (await first).status_code == 200 and (await second).status_code == 200
+            text = (await c.get("/metrics")).text
+            # one gap: before the second batch (the first waited for nothing), and a short one
+            assert "apserve_batch_gap_seconds_count 1.0" in text
+            total = re.search(r"^apserve_batch_gap_seconds_sum (\S+)$", text, re.M)
+            assert total is not None and 0.0 <= float(total.group(1)) < 1.0
+
+    run(test)
+
+
 class WarmedEngine(GatedEngine):
     def __init__(self) -> None:
         super().__init__()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from policies.machine_speed import MachineSpeed
+from policies.machine_speed import read_csv as read_speed_csv
 from policies.profile import parse_profile, standin_document
 from policies.registry import build_policy
 from policies.simulator import CascadeOutcome, SimConfig, fixed8_capacity, max_window_power, simulate
@@ -72,6 +74,47 @@ def test_front_end_cost_slows_batches_and_the_policy_adapts() -> None:
     # (in this 10x slowed world the scale's 2 s half-life is short against the batches: a little below 99 %)
     assert slo_free.slo_attainment >= 0.99 and slo_costly.slo_attainment >= 0.97, slo_costly.as_dict()
     assert slo_costly.served_accuracy < slo_free.served_accuracy
+
+
+def test_a_replayed_machine_slowdown_overloads_fixed_bits_and_slo_moves_down() -> None:
+    """The machine at 1.8 x its profiled time for a middle third of the trace (as this VM does for seconds
+    at a time): fixed 8 bits at 0.7 x capacity falls behind in exactly that stretch; slo sees the slowdown
+    through the latency scale and serves fewer bits there; a factor of 1 changes nothing at all."""
+    trace = generate("poisson", CAPACITY, seed=5, duration=30.0 * SLOW, load=0.7)
+    slow = MachineSpeed(starts=(10.0 * SLOW, 20.0 * SLOW), factors=(1.8, 1.0))
+    steady = dataclasses.replace(CONFIG, machine_speed=MachineSpeed(starts=(0.0,), factors=(1.0,)))
+    assert run("fixed-8", trace, steady).as_dict() == run("fixed-8", trace).as_dict()
+    slowed = dataclasses.replace(CONFIG, machine_speed=slow)
+    fixed, fixed_slowed = run("fixed-8", trace), run("fixed-8", trace, slowed)
+    assert fixed.slo_attainment >= 0.99 and fixed_slowed.slo_attainment < 0.9, fixed_slowed.as_dict()
+    slo, slo_slowed = run("slo", trace), run("slo", trace, slowed)
+    assert slo_slowed.slo_attainment >= 0.97, slo_slowed.as_dict()
+    assert slo_slowed.served_accuracy < slo.served_accuracy
+
+
+def test_machine_speed_file(tmp_path: Path) -> None:
+    path = tmp_path / "speed.csv"
+    path.write_text("t_s,factor\n0.5,1.25\n1.5,0.9\n")
+    speed = read_speed_csv(path)
+    assert [speed.at(t) for t in (0.0, 0.5, 1.0, 1.5, 99.0)] == [1.0, 1.25, 1.25, 0.9, 0.9]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("time,factor\n1,1\n", "header must be 't_s,factor'"),
+        ("t_s,factor\n", "no rows"),
+        ("t_s,factor\n1,fast\n", "line 2: t_s and factor must be numbers"),
+        ("t_s,factor\n1,0\n", "line 2: factor must be a positive number"),
+        ("t_s,factor\n1,nan\n", "line 2: factor must be a positive number"),
+        ("t_s,factor\n1,1\n1,2\n", "line 3: t_s must be finite and later"),
+    ],
+)
+def test_machine_speed_file_errors_name_the_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "speed.csv"
+    path.write_text(text)
+    with pytest.raises(TraceError, match=message):
+        read_speed_csv(path)
 
 
 def test_power_policy_holds_the_budget_at_all_times() -> None:
@@ -186,6 +229,7 @@ def test_simulate_command_json_contract() -> None:
         (["--policy", "fastest"], "unknown policy 'fastest'"),
         (["--policy", "slo", "--trace", "nowhere.csv"], "cannot read the trace"),
         (["--policy", "slo", "--replicas", "0"], "replicas must be >= 1"),
+        (["--policy", "slo", "--machine-speed", "nowhere.csv"], "cannot read the machine speed"),
     ],
 )
 def test_simulate_command_errors(args: list[str], message: str) -> None:
