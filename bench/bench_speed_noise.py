@@ -1,5 +1,8 @@
 """How steady is this machine? One bits' engine run in a tight loop on one core; prints the median
-per-image time of every second and the steal time the kernel reported for that core in it.
+per-image time of every second (wall, and the calling thread's CPU time) and the steal time the kernel
+reported for that core in it. CPU time follows wall time here (0.98–0.99 of it, slow seconds included):
+the swings are a slower CPU, not time the guest sees taken away, so the server's engine CPU counter
+(apserve_engine_cpu_seconds_total) sees them.
 
 On a shared VM the per-image time can swing by tens of percent for seconds at a time with no steal
 reported (a busy SMT sibling, frequency, memory bandwidth): what a deterministic simulator cannot see,
