@@ -125,28 +125,24 @@ def _timeseries(
         for key in ("served_accuracy", "power_watts", "queue_depth"):
             series[f"scrape_{key}"] = [s.get(key) for s in samples]
         pairs = list(zip(samples, samples[1:], strict=False))
-        series["scrape_engine_speed"] = [None, *(_engine_speed(a, b) for a, b in pairs)]
-        series["scrape_batch_gap_ms"] = [None, *(_mean_gap_ms(a, b) for a, b in pairs)]
+        # the engine's CPU time over its profiled time: 1 runs as profiled, 1.5 takes half as long again (the
+        # machine, not the load: it is the engine thread's own CPU time)
+        cpu, profiled = "engine_cpu_seconds_total", "engine_profiled_seconds_total"
+        series["scrape_engine_speed"] = [None, *(_ratio_of_changes(a, b, cpu, profiled) for a, b in pairs)]
+        gaps = [_ratio_of_changes(a, b, "batch_gap_seconds_sum", "batch_gap_seconds_count") for a, b in pairs]
+        series["scrape_batch_gap_ms"] = [None, *(None if g is None else 1e3 * g for g in gaps)]
     return series
 
 
-def _engine_speed(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
-    """Engine CPU time over profiled time between two scrapes: 1 runs as profiled, 1.5 takes half as long
-    again (the machine, not the load: it is the engine thread's own CPU time). None without batches."""
-    keys = ("engine_cpu_seconds_total", "engine_profiled_seconds_total")
-    if not all(k in before and k in after for k in keys):
+def _ratio_of_changes(
+    before: Mapping[str, float], after: Mapping[str, float], numerator: str, denominator: str
+) -> float | None:
+    """How much ``numerator`` grew over how much ``denominator`` grew between two scrapes; None when the
+    server did not report them or the denominator did not move (no batch)."""
+    if not all(k in before and k in after for k in (numerator, denominator)):
         return None
-    profiled = after[keys[1]] - before[keys[1]]
-    return (after[keys[0]] - before[keys[0]]) / profiled if profiled > 0 else None
-
-
-def _mean_gap_ms(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
-    """Mean engine idle time between batches while requests waited, between two scrapes (ms)."""
-    keys = ("batch_gap_seconds_sum", "batch_gap_seconds_count")
-    if not all(k in before and k in after for k in keys):
-        return None
-    count = after[keys[1]] - before[keys[1]]
-    return 1e3 * (after[keys[0]] - before[keys[0]]) / count if count > 0 else None
+    moved = after[denominator] - before[denominator]
+    return (after[numerator] - before[numerator]) / moved if moved > 0 else None
 
 
 def plot(report: Mapping[str, Any], out_dir: Path, title: str = "") -> list[Path]:

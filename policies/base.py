@@ -145,10 +145,9 @@ class LatencyScale(_Recent):
 
 
 @dataclass
-class AnswerDelay(_Recent):
-    """Time from a batch's end until its answers are on the wire (encoding, the event loop's backlog),
-    lately: rises faster than it falls, to track the high end rather than the mean; bounded so that one
-    stall cannot make every deadline look hopeless (``Snapshot.answer_delay_s``)."""
+class _RecentDelay(_Recent):
+    """A recent delay in seconds, each observation capped at ``high`` so that one stall cannot make every
+    deadline look hopeless."""
 
     neutral: float = 0.0
     up: float = 0.1
@@ -161,22 +160,23 @@ class AnswerDelay(_Recent):
 
 
 @dataclass
-class BatchGap(_Recent):
+class AnswerDelay(_RecentDelay):
+    """Time from a batch's end until its answers are on the wire (encoding, the event loop's backlog),
+    lately: rises faster than it falls, to track the high end rather than the mean; bounded
+    (``Snapshot.answer_delay_s``). The defaults of ``_RecentDelay`` are its settings."""
+
+
+@dataclass
+class BatchGap(_RecentDelay):
     """Time the engine stands idle between two batches while requests wait, lately: the finished batch's
     results handed to the event loop, the answers, the next decision, the hand-off to a worker thread. It
     is a cost per batch that no profile measures; the event loop takes it on the engine's core, so it
     grows with the load. The planner adds it to every batch (``Snapshot.batch_gap_s``): a queue served in
-    many small batches then costs what it really costs. Bounded so that one stall cannot make every
-    deadline look hopeless."""
+    many small batches then costs what it really costs. Bounded."""
 
-    neutral: float = 0.0
     up: float = 0.2
     down: float = 0.05
     high: float = 0.01
-
-    def observe(self, seconds: float, now: float) -> None:
-        if seconds >= 0.0:
-            self._observe(min(self.high, seconds), now)
 
 
 class ArrivalRate:
