@@ -1,7 +1,7 @@
 """Build hook for the native kernels (kernels/native). Metadata lives in pyproject.toml.
 
-The bit-serial kernels are plain C with no Python C API: setuptools compiles them into a shared library
-that kernels/native.py loads with ctypes (which releases the GIL around every call). Only a C compiler
+The native kernels (bit-serial for 1..8 bits, int16 for 3..8) are plain C with no Python C API: setuptools compiles them into a shared library
+that kernels/clib.py loads with ctypes (which releases the GIL around every call). Only a C compiler
 is needed: no torch, no network. SIMD paths are chosen at run time, so no -march flag is used here.
 """
 
@@ -29,8 +29,8 @@ setup(
     ext_modules=[
         Extension(
             "kernels._bitserial",
-            sources=["kernels/native/bitserial.c"],
-            depends=["kernels/native/avx2.h", "kernels/native/avx512.h"],
+            sources=["kernels/native/bitserial.c", "kernels/native/int16.c"],
+            depends=["kernels/native/common.h", "kernels/native/avx2.h", "kernels/native/avx512.h"],
             extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-strict-aliasing"],
             libraries=["m", "pthread"],
         )

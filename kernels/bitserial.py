@@ -1,50 +1,24 @@
-"""The native bit-serial kernels (kernels/native/bitserial.c), loaded with ctypes.
+"""The native bit-serial kernels (kernels/native/bitserial.c): AND + popcount on the top-k bit-planes.
 
-ctypes releases the GIL for the whole call, so engine threads run in parallel with the event loop.
 The weights are the artifact's bit-planes themselves: the C code reads the top k planes in place.
-Everything else a bits needs (BN parameters, scales as float64) is a few KB, built once per bits.
+Everything else a bits needs (BN parameters and thresholds, scales as float64) is a few KB, built once
+per bits.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
-from pathlib import Path
-from typing import Any
+import functools
 
 import numpy as np
 
+from kernels import clib
+from kernels.clib import NativeError, available_paths, best_path
 from model_store.artifact import Artifact
 
-PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
-_NAMES = {v: k for k, v in PATHS.items()}
+__all__ = ["BitSerialNet", "NativeError", "available_paths", "best_path", "conv_codes"]
 
-
-class NativeError(RuntimeError):
-    """The native kernels are missing or refused the call."""
-
-
-def _find_library() -> Path:
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = here / f"_bitserial{suffix}"
-        if candidate.exists():
-            return candidate
-    raise NativeError(
-        f"native kernels not built (no {here}/_bitserial*.so): run `pip install -e .` with a C compiler available"
-    )
-
-
-_P = ctypes.POINTER
-
-
-class _BatchNorm(ctypes.Structure):
-    _fields_ = [
-        ("mean", _P(ctypes.c_double)),
-        ("denom", _P(ctypes.c_double)),
-        ("gamma", _P(ctypes.c_double)),
-        ("beta", _P(ctypes.c_double)),
-    ]
+_P = clib.P
 
 
 class _Block(ctypes.Structure):
@@ -78,18 +52,16 @@ class _Net(ctypes.Structure):
         ("blocks", _P(_Block)),
         ("head_in", ctypes.c_int),
         ("head_out", ctypes.c_int),
-        ("head_bn", _BatchNorm),
+        ("head_bn", clib.BatchNorm),
         ("fc_w", _P(ctypes.c_double)),
         ("fc_b", _P(ctypes.c_double)),
     ]
 
 
-def _load() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_find_library()))
-    lib.apq_cpu_supports.argtypes = [ctypes.c_int]
-    lib.apq_cpu_supports.restype = ctypes.c_int
-    lib.apq_best_path.argtypes = []
-    lib.apq_best_path.restype = ctypes.c_int
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """The library with this module's entry points typed (once)."""
+    lib = clib.library()
     lib.apq_forward.argtypes = [_P(_Net), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.apq_forward.restype = ctypes.c_int
     lib.apq_conv_codes.argtypes = (
@@ -100,52 +72,14 @@ def _load() -> ctypes.CDLL:
         + [ctypes.c_void_p, ctypes.c_int]
     )
     lib.apq_conv_codes.restype = ctypes.c_int
+    bn = _P(clib.BatchNorm)
     lib.apq_int_thresholds.argtypes = [
-        _P(_BatchNorm),
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-    ]
+        bn, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
+    ]  # fmt: skip
     lib.apq_int_thresholds.restype = None
-    lib.apq_float_thresholds.argtypes = [_P(_BatchNorm), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.apq_float_thresholds.argtypes = [bn, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.apq_float_thresholds.restype = None
     return lib
-
-
-_lib: ctypes.CDLL | None = None
-
-
-def library() -> ctypes.CDLL:
-    global _lib
-    if _lib is None:
-        _lib = _load()
-    return _lib
-
-
-def available_paths() -> list[str]:
-    """The dispatch paths this CPU runs, fastest first."""
-    lib = library()
-    return [name for name in ("avx512", "avx2", "scalar") if lib.apq_cpu_supports(PATHS[name])]
-
-
-def best_path() -> str:
-    return _NAMES[library().apq_best_path()]
-
-
-def _path_code(path: str) -> int:
-    if path not in PATHS:
-        raise ValueError(f"unknown kernel path {path!r}; choose one of {sorted(PATHS)}")
-    code = PATHS[path]
-    if code and not library().apq_cpu_supports(code):
-        raise NativeError(f"kernel path {path!r} is not supported by this CPU (available: {available_paths()})")
-    return code
-
-
-def _ptr(arr: np.ndarray, ctype: Any) -> Any:
-    return arr.ctypes.data_as(_P(ctype))
 
 
 def _words(planes: np.ndarray) -> np.ndarray:
@@ -166,19 +100,23 @@ def conv_codes(codes: np.ndarray, planes: np.ndarray, bits: int, stride: int, pa
         raise ValueError(f"planes hold {rw * 64} bits per row, a 3x3 conv on {cin} channels needs {9 * cin}")
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     out = np.empty((b, ho, wo, cout), dtype=np.int64)
-    rc = library().apq_conv_codes(
-        codes.ctypes.data, b, h, w, cin, bits, words.ctypes.data, cout, rw, stride, out.ctypes.data, _path_code(path)
+    rc = _library().apq_conv_codes(
+        codes.ctypes.data,
+        b,
+        h,
+        w,
+        cin,
+        bits,
+        words.ctypes.data,
+        cout,
+        rw,
+        stride,
+        out.ctypes.data,
+        clib.path_code(path),
     )
     if rc:
         raise NativeError(f"apq_conv_codes failed ({rc})")
     return out
-
-
-def _bn(artifact: Artifact, name: str, bits: int, keep: list[np.ndarray]) -> _BatchNorm:
-    gamma, beta, mean, var = (np.ascontiguousarray(p, dtype=np.float64) for p in artifact.bn_params(name, bits))
-    denom = np.sqrt(var + np.float64(artifact.bn_eps))
-    keep += [mean, denom, gamma, beta]
-    return _BatchNorm(*(_ptr(a, ctypes.c_double) for a in (mean, denom, gamma, beta)))
 
 
 class BitSerialNet:
@@ -189,56 +127,42 @@ class BitSerialNet:
             raise ValueError(f"the bit-serial kernels serve 1..8 bits, not {bits}")
         self.bits = bits
         self.path = best_path() if path == "auto" else path
-        self._path = _path_code(self.path)
+        self._path = clib.path_code(self.path)
         keep: list[np.ndarray] = []  # every array the C structs point into
-        layers = artifact.architecture
-        stem, head, blocks = layers[0], layers[-1], layers[1:-1]
+        parts = clib.FloatParts(artifact, bits, keep)
         t = artifact.tensors
-        sw = t[f"{stem['name']}.weight"]
-        if sw.shape[1] != 1:
-            raise ValueError("the native stem takes one input channel")
-        stem_w = np.ascontiguousarray(sw.reshape(sw.shape[0], -1).T, dtype=np.float64)  # [kk*kk, cout]
-        keep.append(stem_w)
-        lib, n = library(), (1 << bits) - 1
-        cblocks = (_Block * len(blocks))()
-        for i, layer in enumerate(blocks):
+        lib, n = _library(), (1 << bits) - 1
+        cblocks = (_Block * len(parts.blocks))()
+        for i, layer in enumerate(parts.blocks):
             name, cin, cout = layer["name"], layer["in"], layer["out"]
             w1, w2 = _words(t[f"{name}.conv1.planes"]), _words(t[f"{name}.conv2.planes"])
             # bn1 + quantizer on the float residual stream, as thresholds on float64 values
             xthr, xsign = np.empty((cin, n), np.float64), np.empty(cin, np.int32)
-            lib.apq_float_thresholds(
-                ctypes.byref(_bn(artifact, f"{name}.bn1", bits, keep)), cin, bits, xthr.ctypes.data, xsign.ctypes.data
-            )
+            bn1 = clib.batchnorm(artifact, f"{name}.bn1", bits, keep)
+            lib.apq_float_thresholds(ctypes.byref(bn1), cin, bits, xthr.ctypes.data, xsign.ctypes.data)
             # conv1's integer outputs I -> y = I * scale / (N n) -> bn2 + quantizer, as integer thresholds
-            alpha1 = t[f"{name}.conv1.scales"][bits - 1].astype(np.float64) / float((n + 1) * n)
+            alpha1 = clib.alpha(artifact, f"{name}.conv1", bits)
             ithr, isign = np.empty((cout, n), np.int64), np.empty(cout, np.int32)
+            bn2 = clib.batchnorm(artifact, f"{name}.bn2", bits, keep)
             imax = 9 * cin * n * n
             lib.apq_int_thresholds(
-                ctypes.byref(_bn(artifact, f"{name}.bn2", bits, keep)),
-                alpha1.ctypes.data,
-                cout,
-                bits,
-                imax,
-                ithr.ctypes.data,
-                isign.ctypes.data,
+                ctypes.byref(bn2), alpha1.ctypes.data, cout, bits, imax, ithr.ctypes.data, isign.ctypes.data
             )
-            alpha2 = t[f"{name}.conv2.scales"][bits - 1].astype(np.float64) / float((n + 1) * n)
+            alpha2 = clib.alpha(artifact, f"{name}.conv2", bits)
             xthr_t, ithr_t = np.ascontiguousarray(xthr.T), np.ascontiguousarray(ithr.T)  # SIMD layouts
             keep += [w1, w2, xthr, xthr_t, xsign, ithr, ithr_t, isign, alpha1, alpha2]
+            ptr = clib.ptr
             cblocks[i] = _Block(
                 cin, cout, layer["stride"], w1.shape[2], w2.shape[2],
-                _ptr(w1, ctypes.c_uint64), _ptr(w2, ctypes.c_uint64),
-                _ptr(xthr, ctypes.c_double), _ptr(xthr_t, ctypes.c_double), _ptr(xsign, ctypes.c_int32),
-                _ptr(ithr, ctypes.c_int64), _ptr(ithr_t, ctypes.c_int64), _ptr(isign, ctypes.c_int32),
-                _ptr(alpha2, ctypes.c_double),
+                ptr(w1, ctypes.c_uint64), ptr(w2, ctypes.c_uint64),
+                ptr(xthr, ctypes.c_double), ptr(xthr_t, ctypes.c_double), ptr(xsign, ctypes.c_int32),
+                ptr(ithr, ctypes.c_int64), ptr(ithr_t, ctypes.c_int64), ptr(isign, ctypes.c_int32),
+                ptr(alpha2, ctypes.c_double),
             )  # fmt: skip
-        fc_w = np.ascontiguousarray(t[f"{head['name']}.fc.weight"], dtype=np.float64)
-        fc_b = np.ascontiguousarray(t[f"{head['name']}.fc.bias"], dtype=np.float64)
-        keep += [fc_w, fc_b]
+        stem, head = parts.stem, parts.head
         self._net = _Net(
-            bits, 28, 28, len(blocks), stem["out"], stem["kernel"], _ptr(stem_w, ctypes.c_double), cblocks,
-            head["in"], head["out"], _bn(artifact, f"{head['name']}.bn", bits, keep),
-            _ptr(fc_w, ctypes.c_double), _ptr(fc_b, ctypes.c_double),
+            bits, 28, 28, len(parts.blocks), stem["out"], stem["kernel"], parts.stem_w, cblocks,
+            head["in"], head["out"], parts.head_bn, parts.fc_w, parts.fc_b,
         )  # fmt: skip
         self._blocks = cblocks
         self._keep = keep
@@ -246,11 +170,4 @@ class BitSerialNet:
 
     def run(self, images: np.ndarray, threads: int = 1) -> np.ndarray:
         """images: float64 [B, 28, 28] (pixels / 255) -> float32 logits [B, outputs]."""
-        x = np.ascontiguousarray(images, dtype=np.float64).reshape(-1, 28, 28)
-        logits = np.empty((x.shape[0], self.outputs), dtype=np.float32)
-        rc = library().apq_forward(
-            ctypes.byref(self._net), x.ctypes.data, x.shape[0], logits.ctypes.data, max(1, threads), self._path
-        )
-        if rc:
-            raise NativeError(f"apq_forward failed ({rc})")
-        return logits
+        return clib.forward(_library().apq_forward, self._net, images, self.outputs, threads, self._path)

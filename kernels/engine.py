@@ -5,8 +5,12 @@ per-bits execution state (a native network description or an onnxruntime session
 first use and cached. The backend per bits comes from a profile (kernels.profiler) or the defaults:
 
 - 32: onnxruntime fp32 graph
-- 3..8: onnxruntime int8 graph (MatMulInteger on the k-bit codes, exact integers)
+- 3..8: the native int16 kernels (int16 codes x int16 weight levels -> int32, exact)
 - 1, 2: the native bit-serial kernels (AND + popcount on the top-k bit-planes)
+
+Other backends a profile may pick: onnxruntime int8 (MatMulInteger on the codes) and fp32-codes graphs for
+any 1..8, the bit-serial kernels at any 1..8, and each native dispatch path by name (``native-avx2``,
+``int16-scalar``).
 
 Every backend computes in float64 outside the integer convs, like the reference engine, so the codes it
 quantizes are the reference's. One batch runs at a time per engine, on ``threads`` cores: concurrent
@@ -29,7 +33,8 @@ ORT_FP32 = "onnxruntime-fp32"
 ORT_INT8 = "onnxruntime-int8"
 ORT_FP32_CODES = "onnxruntime-fp32-codes"
 REFERENCE = "reference"
-NATIVE_PREFIX = "native"
+NATIVE_PREFIX = "native"  # the bit-serial kernels: native, native-avx2, native-scalar, ...
+INT16_PREFIX = "int16"  # the int16 kernels: int16, int16-avx2, int16-scalar
 
 Runner = Callable[[np.ndarray], np.ndarray]
 Backends = Mapping[int, str] | Mapping[str, str]  # bits (or its string, as in a profile file) -> backend
@@ -39,8 +44,14 @@ def default_backend(bits: int) -> str:
     if bits == FP32:
         return ORT_FP32
     if bits >= 3:
-        return ORT_INT8
+        return INT16_PREFIX
     return NATIVE_PREFIX
+
+
+def _int16_paths() -> list[str]:
+    from kernels import clib
+
+    return [p for p in clib.available_paths() if p in ("avx2", "scalar")]
 
 
 def backends_for(bits: int) -> list[str]:
@@ -50,7 +61,8 @@ def backends_for(bits: int) -> list[str]:
     if bits == FP32:
         return [ORT_FP32]
     native = [f"{NATIVE_PREFIX}-{p}" for p in bitserial.available_paths()]
-    return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + native
+    wide = [f"{INT16_PREFIX}-{p}" for p in _int16_paths()]
+    return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + wide + native
 
 
 def check_backend(bits: int, name: str) -> None:
@@ -60,7 +72,7 @@ def check_backend(bits: int, name: str) -> None:
         return
     if bits == FP32:
         ok = name == ORT_FP32
-    elif name == NATIVE_PREFIX or name.startswith(f"{NATIVE_PREFIX}-"):
+    elif name in (NATIVE_PREFIX, INT16_PREFIX) or name.startswith((f"{NATIVE_PREFIX}-", f"{INT16_PREFIX}-")):
         ok = 1 <= bits <= 8
     else:
         ok = name == ORT_FP32_CODES or (name == ORT_INT8 and bits >= 3)
@@ -141,6 +153,14 @@ def build_runner(artifact: Artifact, bits: int, backend: str, threads: int) -> t
     if backend == REFERENCE:
         ref = ReferenceEngine(artifact)
         return REFERENCE, lambda x: ref.run(x.reshape(-1, 1, 28, 28), bits)
+    if backend.startswith(INT16_PREFIX):
+        from kernels import int16
+
+        path = backend[len(INT16_PREFIX) + 1 :] or "auto"
+        if path not in ("auto", *_int16_paths()):
+            path = "auto"  # a profile from another CPU: take the best path this one has
+        wide = int16.Int16Net(artifact, bits, path)
+        return f"{INT16_PREFIX}-{wide.path}", lambda x: wide.run(_float64_nhwc(x), threads)
     if backend.startswith(NATIVE_PREFIX):
         from kernels import bitserial
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kernels import bitserial
-from kernels.engine import FP32, ORT_FP32, ORT_FP32_CODES, ORT_INT8, build_runner, default_backend
+from kernels.engine import FP32, INT16_PREFIX, ORT_FP32, ORT_FP32_CODES, ORT_INT8, build_runner, default_backend
 from kernels.reference import ReferenceEngine
 from model_store import fashion_mnist
 from model_store.artifact import Artifact
@@ -33,6 +33,8 @@ CHECK_IMAGES = 1000
 # there by default (measured: see docs/PERFORMANCE.md). The portable C path is timed only where no SIMD
 # path exists.
 NATIVE_MAX_BITS = 4
+# At 1 and 2 bits the bit-serial kernels do less work than the int16 ones; from 3 bits both are timed.
+INT16_MIN_BITS = 3
 LOGIT_TOLERANCE = 1e-3  # relative to the largest reference logit
 
 
@@ -71,7 +73,8 @@ def candidates(bits: int) -> list[str]:
     paths = bitserial.available_paths()
     simd = [p for p in paths if p != "scalar"] or ["scalar"]
     native = [f"native-{p}" for p in simd] if bits <= NATIVE_MAX_BITS else []
-    return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + native
+    wide = [f"{INT16_PREFIX}-{'avx2' if 'avx2' in paths else 'scalar'}"] if bits >= INT16_MIN_BITS else []
+    return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + wide + native
 
 
 def time_runs(

@@ -44,7 +44,16 @@ def test_default_backends_agree_with_reference(bundled, reference, images, bits)
 
 @pytest.mark.parametrize(
     ("bits", "backend"),
-    [(2, "onnxruntime-int8"), (4, "native"), (8, "native"), (3, "native-scalar"), (6, "onnxruntime-fp32-codes")],
+    [
+        (2, "onnxruntime-int8"),
+        (4, "native"),
+        (8, "native"),
+        (3, "native-scalar"),
+        (6, "onnxruntime-fp32-codes"),
+        (8, "onnxruntime-int8"),
+        (5, "int16-scalar"),
+        (2, "int16"),
+    ],
 )
 def test_non_default_backends_agree(bundled, reference, images, bits, backend):
     if backend == "onnxruntime-int8" and bits < 3:
@@ -56,7 +65,7 @@ def test_non_default_backends_agree(bundled, reference, images, bits, backend):
 def test_backend_names(bundled):
     eng = Engine(bundled)
     assert eng.backend(32) == "onnxruntime-fp32"
-    assert eng.backend(8) == "onnxruntime-int8"
+    assert eng.backend(8).startswith("int16-") and eng.backend(8) != "int16-"
     assert eng.backend(1).startswith("native-") and eng.backend(1) != "native-"
     assert eng.bits == bundled.bits
 
@@ -110,7 +119,7 @@ def test_thread_count_reaches_onnxruntime(bundled, monkeypatch):
         return session
 
     monkeypatch.setattr(engine_mod, "_session", spy)
-    eng = Engine(bundled, threads=2)
+    eng = Engine(bundled, threads=2, backends={5: "onnxruntime-int8"})
     eng.warm(32)
     eng.warm(5)
     assert [(o.intra_op_num_threads, o.inter_op_num_threads) for o in seen] == [(2, 1), (2, 1)]

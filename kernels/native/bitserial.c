@@ -21,25 +21,12 @@
  * against, bit for bit. Build with -ffp-contract=off: the float epilogue must round identically on every
  * path.
  */
-#include <float.h>
-#include <math.h>
 #include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define APQ_X86 1
-#endif
+#include "common.h"
 
 #define TILE 8
 #define MAX_BITS 8
-#define AI static inline __attribute__((always_inline))
-#define TARGET_AVX2 __attribute__((target("avx2,popcnt")))
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt")))
-
-enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
 
 /* ---------------------------------------------------------------- dispatch */
 
@@ -55,14 +42,14 @@ int apq_cpu_supports(int path) {
     return 0;
 }
 
-static int resolve_path(int path) {
+int apq_resolve_path(int path) {
     if (path != PATH_AUTO) return apq_cpu_supports(path) ? path : -1;
     if (apq_cpu_supports(PATH_AVX512)) return PATH_AVX512;
     if (apq_cpu_supports(PATH_AVX2)) return PATH_AVX2;
     return PATH_SCALAR;
 }
 
-int apq_best_path(void) { return resolve_path(PATH_AUTO); }
+int apq_best_path(void) { return apq_resolve_path(PATH_AUTO); }
 
 /* ---------------------------------------------------------------- cores
  * A core computes dot[o][t] = sum(c a) for output channels [0, cout) and the TILE pixels of a tile.
@@ -125,19 +112,6 @@ AI void run_core(int path, const uint64_t *tile, const uint64_t *w, int bits, in
  * float operation is), so it equals a count of thresholds: code(v) = #{j : s v >= U_j}, s = +-1. The
  * thresholds are found once per bits by bisection on the very float64 expression the reference
  * computes, so the kernels' codes are the reference's codes while costing a compare or two per value. */
-
-typedef struct {
-    const double *mean, *denom, *gamma, *beta; /* denom = sqrt(var + eps) */
-} batchnorm;
-
-static double bn_apply(const batchnorm *bn, int c, double x) {
-    return (x - bn->mean[c]) / bn->denom[c] * bn->gamma[c] + bn->beta[c];
-}
-
-static int quantize(double z, double n) {
-    z = z < 0.0 ? 0.0 : (z > 1.0 ? 1.0 : z);
-    return (int)floor(z * n + 0.5);
-}
 
 /* Conv outputs: v = I * alpha[c] for integer I in [-imax, imax]. thr [c][n] int64, sign [c]. */
 void apq_int_thresholds(const batchnorm *bn, const double *alpha, int channels, int bits, int64_t imax,
@@ -404,17 +378,88 @@ AI void stem(const double *img, int H, int W, int kk, const double *wt, int cout
         }
 }
 
+void apq_stem(int path, const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
+#ifdef APQ_X86
+    if (path != PATH_SCALAR && cout % 16 == 0) {
+        stem_avx2(img, H, W, kk, wt, cout, out);
+        return;
+    }
+#endif
+    stem(img, H, W, kk, wt, cout, out);
+}
+
+void apq_shortcut(const double *x, int H, int W, int cin, int cout, int stride, double *out) {
+    const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+    for (int y = 0; y < Ho; y++)
+        for (int xx = 0; xx < Wo; xx++) {
+            const double *src = x + ((size_t)(y * stride) * W + xx * stride) * cin;
+            double *dst = out + ((size_t)y * Wo + xx) * cout;
+            for (int c = 0; c < cout; c++) dst[c] = c < cin ? src[c] : 0.0;
+        }
+}
+
+void apq_head(const double *x, int npix, int c, const batchnorm *bn, int head_in, int head_out, const double *fc_w,
+              const double *fc_b, float *logits) {
+    double pooled[1024];
+    const int hin = head_in < 1024 ? head_in : 1024;
+    (void)c;
+    for (int ch = 0; ch < hin; ch++) pooled[ch] = 0.0;
+    for (int p = 0; p < npix; p++)
+        for (int ch = 0; ch < hin; ch++) {
+            const double v = bn_apply(bn, ch, x[(size_t)p * c + ch]);
+            pooled[ch] += v > 0.0 ? v : 0.0;
+        }
+    for (int ch = 0; ch < hin; ch++) pooled[ch] /= (double)npix;
+    for (int o = 0; o < head_out; o++) {
+        double acc = 0.0;
+        for (int ch = 0; ch < hin; ch++) acc += pooled[ch] * fc_w[(size_t)o * head_in + ch];
+        logits[o] = (float)(acc + fc_b[o]);
+    }
+}
+
+typedef struct {
+    apq_range_fn fn;
+    const void *ctx;
+    int b0, b1, status;
+} range_job;
+
+static void *range_thread(void *arg) {
+    range_job *j = arg;
+    j->status = j->fn(j->ctx, j->b0, j->b1);
+    return NULL;
+}
+
+int apq_parallel(apq_range_fn fn, const void *ctx, int batch, int threads) {
+    if (threads > batch) threads = batch;
+    if (threads > 64) threads = 64;
+    if (threads <= 1) return fn(ctx, 0, batch);
+    range_job jobs[64];
+    pthread_t tids[64];
+    int started[64] = {0};
+    for (int i = 0; i < threads; i++)
+        jobs[i] = (range_job){fn, ctx, (int)((long)batch * i / threads), (int)((long)batch * (i + 1) / threads), 0};
+    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tids[i], NULL, range_thread, &jobs[i]) == 0;
+    range_thread(&jobs[0]);
+    int status = jobs[0].status;
+    for (int i = 1; i < threads; i++) {
+        if (started[i]) pthread_join(tids[i], NULL);
+        else range_thread(&jobs[i]); /* could not start a thread: do its share here */
+        if (jobs[i].status && !status) status = jobs[i].status;
+    }
+    return status;
+}
+
 typedef struct {
     const apq_net *net;
     const double *images;
     float *logits;
-    int b0, b1, path, status;
+    int path;
 } job;
 
-AI void forward_body(job *jb, int path) {
+AI int forward_body(const job *jb, int b0, int b1, int path) {
     const apq_net *net = jb->net;
     const int bits = net->bits, H0 = net->height, W0 = net->width;
-    int cmax = net->stem_cout, rwmax = 1;
+    int cmax = net->stem_cout, rwmax = 1, status = 0;
     for (int i = 0; i < net->nblocks; i++) {
         const apq_block *b = net->blocks + i;
         if (b->cout > cmax) cmax = b->cout;
@@ -431,17 +476,12 @@ AI void forward_body(job *jb, int path) {
     int64_t *dot = malloc(sizeof(int64_t) * (size_t)cmax * TILE);
     int64_t *pixsum = malloc(sizeof(int64_t) * P0);
     if (!x || !xs || !pa || !pb || !tile || !dot || !pixsum) {
-        jb->status = -2;
+        status = -2;
         goto done;
     }
-    for (int img = jb->b0; img < jb->b1; img++) {
+    for (int img = b0; img < b1; img++) {
         int H = H0, W = W0, C = net->stem_cout;
-#ifdef APQ_X86
-        if (path != PATH_SCALAR && C % 16 == 0)
-            stem_avx2(jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
-        else
-#endif
-            stem(jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
+        apq_stem(path, jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
         for (int i = 0; i < net->nblocks; i++) {
             const apq_block *b = net->blocks + i;
             const int s = b->stride, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
@@ -453,13 +493,8 @@ AI void forward_body(job *jb, int path) {
                 pack_activations(x, H, W, b->cin, b->xthr, b->xsign, bits, pa);
             epilogue e1 = {EPI_PACK, NULL, b->ithr, b->ithr_t, b->isign, pb, NULL, NULL};
             conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->cout, b->rw1, s, tile, dot, pixsum, &e1);
-            if (s != 1 || b->cin != b->cout) { /* option-A shortcut: subsample, zero channels */
-                for (int yy = 0; yy < Ho; yy++)
-                    for (int xx = 0; xx < Wo; xx++) {
-                        const double *src = x + ((size_t)(yy * s) * W + xx * s) * b->cin;
-                        double *dst = xs + ((size_t)yy * Wo + xx) * b->cout;
-                        for (int c = 0; c < b->cout; c++) dst[c] = c < b->cin ? src[c] : 0.0;
-                    }
+            if (s != 1 || b->cin != b->cout) {
+                apq_shortcut(x, H, W, b->cin, b->cout, s, xs);
                 double *t = x;
                 x = xs;
                 xs = t;
@@ -470,21 +505,8 @@ AI void forward_body(job *jb, int path) {
             W = Wo;
             C = b->cout;
         }
-        /* head: relu(bn(x)), global average pool, linear */
-        double pooled[1024];
-        const int hin = net->head_in < 1024 ? net->head_in : 1024;
-        for (int c = 0; c < hin; c++) pooled[c] = 0.0;
-        for (int p = 0; p < H * W; p++)
-            for (int c = 0; c < hin; c++) {
-                const double v = bn_apply(&net->head_bn, c, x[(size_t)p * C + c]);
-                pooled[c] += v > 0.0 ? v : 0.0;
-            }
-        for (int c = 0; c < hin; c++) pooled[c] /= (double)(H * W);
-        for (int o = 0; o < net->head_out; o++) {
-            double acc = 0.0;
-            for (int c = 0; c < hin; c++) acc += pooled[c] * net->fc_w[(size_t)o * net->head_in + c];
-            jb->logits[(size_t)img * net->head_out + o] = (float)(acc + net->fc_b[o]);
-        }
+        apq_head(x, H * W, C, &net->head_bn, net->head_in, net->head_out, net->fc_w, net->fc_b,
+                 jb->logits + (size_t)img * net->head_out);
     }
 done:
     free(x);
@@ -494,68 +516,40 @@ done:
     free(tile);
     free(dot);
     free(pixsum);
+    return status;
 }
 
-static void forward_scalar(job *jb) { forward_body(jb, PATH_SCALAR); }
+static int forward_scalar(const job *jb, int b0, int b1) { return forward_body(jb, b0, b1, PATH_SCALAR); }
 #ifdef APQ_X86
-TARGET_AVX2 static void forward_avx2(job *jb) { forward_body(jb, PATH_AVX2); }
-TARGET_AVX512 static void forward_avx512(job *jb) { forward_body(jb, PATH_AVX512); }
+TARGET_AVX2 static int forward_avx2(const job *jb, int b0, int b1) { return forward_body(jb, b0, b1, PATH_AVX2); }
+TARGET_AVX512 static int forward_avx512(const job *jb, int b0, int b1) { return forward_body(jb, b0, b1, PATH_AVX512); }
 #endif
 
-static void forward_images(job *jb) {
+static int forward_range(const void *ctx, int b0, int b1) {
+    const job *jb = ctx;
 #ifdef APQ_X86
-    if (jb->path == PATH_AVX512) {
-        forward_avx512(jb);
-        return;
-    }
-    if (jb->path == PATH_AVX2) {
-        forward_avx2(jb);
-        return;
-    }
+    if (jb->path == PATH_AVX512) return forward_avx512(jb, b0, b1);
+    if (jb->path == PATH_AVX2) return forward_avx2(jb, b0, b1);
 #endif
-    forward_scalar(jb);
-}
-
-static void *forward_thread(void *arg) {
-    forward_images((job *)arg);
-    return NULL;
+    return forward_scalar(jb, b0, b1);
 }
 
 /* logits [B][head_out] (float32) for images [B][height][width] (float64, pixels / 255). Images are split
  * across up to `threads` threads (the calling thread is one of them). Returns 0, -1 (path not supported by
  * this CPU), -2 (out of memory), -3 (bad arguments). */
 int apq_forward(const apq_net *net, const double *images, int batch, float *logits, int threads, int path) {
-    path = resolve_path(path);
+    path = apq_resolve_path(path);
     if (path < 0) return -1;
     if (batch < 0 || threads < 1 || net->bits < 1 || net->bits > MAX_BITS || net->head_in > 1024) return -3;
-    if (threads > batch) threads = batch;
-    if (threads > 64) threads = 64;
-    if (threads <= 1) {
-        job jb = {net, images, logits, 0, batch, path, 0};
-        forward_images(&jb);
-        return jb.status;
-    }
-    job jobs[64];
-    pthread_t tids[64];
-    int started[64] = {0};
-    for (int i = 0; i < threads; i++)
-        jobs[i] = (job){net, images, logits, (int)((long)batch * i / threads), (int)((long)batch * (i + 1) / threads), path, 0};
-    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tids[i], NULL, forward_thread, &jobs[i]) == 0;
-    forward_images(&jobs[0]);
-    int status = jobs[0].status;
-    for (int i = 1; i < threads; i++) {
-        if (started[i]) pthread_join(tids[i], NULL);
-        else forward_images(&jobs[i]); /* could not start a thread: do its share here */
-        if (jobs[i].status) status = jobs[i].status;
-    }
-    return status;
+    const job jb = {net, images, logits, path};
+    return apq_parallel(forward_range, &jb, batch, threads);
 }
 
 /* Test entry: integer conv outputs I = 2 sum(c a) + (1 - N) sum(a) for k-bit codes [B][H][W][cin] (uint8)
  * and artifact-layout planes, out [B][Ho][Wo][cout]. Returns 0, -1 (path unsupported), -2 (no memory). */
 int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int bits, const uint64_t *w, int cout,
                    int rw, int stride, int64_t *out, int path) {
-    path = resolve_path(path);
+    path = apq_resolve_path(path);
     if (path < 0) return -1;
     const int cw = words_for(cin), Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
     const size_t P = plane_stride(H, W);

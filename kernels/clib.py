@@ -1,0 +1,125 @@
+"""The native library (kernels/native: bitserial.c and int16.c in one shared object), loaded with ctypes.
+
+ctypes releases the GIL for the whole of every call, so engine threads run in parallel with the event
+loop. This module holds what both kernel families share: loading, the dispatch paths, and the float64
+parts of the network (stem, BatchNorm, head) as the C structs want them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_store.artifact import Artifact
+
+PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+NAMES = {v: k for k, v in PATHS.items()}
+P = ctypes.POINTER
+
+
+class NativeError(RuntimeError):
+    """The native kernels are missing or refused the call."""
+
+
+def _find_library() -> Path:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_bitserial{suffix}"
+        if candidate.exists():
+            return candidate
+    raise NativeError(
+        f"native kernels not built (no {here}/_bitserial*.so): run `pip install -e .` with a C compiler available"
+    )
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def library() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        lib = ctypes.CDLL(str(_find_library()))
+        lib.apq_cpu_supports.argtypes = [ctypes.c_int]
+        lib.apq_cpu_supports.restype = ctypes.c_int
+        lib.apq_best_path.argtypes = []
+        lib.apq_best_path.restype = ctypes.c_int
+        _lib = lib
+    return _lib
+
+
+def available_paths() -> list[str]:
+    """The dispatch paths this CPU runs, fastest first."""
+    lib = library()
+    return [name for name in ("avx512", "avx2", "scalar") if lib.apq_cpu_supports(PATHS[name])]
+
+
+def best_path() -> str:
+    return NAMES[library().apq_best_path()]
+
+
+def path_code(path: str) -> int:
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}; choose one of {sorted(PATHS)}")
+    code = PATHS[path]
+    if code and not library().apq_cpu_supports(code):
+        raise NativeError(f"kernel path {path!r} is not supported by this CPU (available: {available_paths()})")
+    return code
+
+
+def ptr(arr: np.ndarray, ctype: Any) -> Any:
+    return arr.ctypes.data_as(P(ctype))
+
+
+class BatchNorm(ctypes.Structure):
+    _fields_ = [
+        ("mean", P(ctypes.c_double)),
+        ("denom", P(ctypes.c_double)),
+        ("gamma", P(ctypes.c_double)),
+        ("beta", P(ctypes.c_double)),
+    ]
+
+
+def batchnorm(artifact: Artifact, name: str, bits: int, keep: list[np.ndarray]) -> BatchNorm:
+    """BN ``name`` at ``bits`` in float64 (denom = sqrt(var + eps)); its arrays are appended to ``keep``."""
+    gamma, beta, mean, var = (np.ascontiguousarray(p, dtype=np.float64) for p in artifact.bn_params(name, bits))
+    denom = np.sqrt(var + np.float64(artifact.bn_eps))
+    keep += [mean, denom, gamma, beta]
+    return BatchNorm(*(ptr(a, ctypes.c_double) for a in (mean, denom, gamma, beta)))
+
+
+def alpha(artifact: Artifact, conv: str, bits: int) -> np.ndarray:
+    """float64 [cout]: the factor from a conv's integer I to its value, weight scale / (N n)."""
+    n = (1 << bits) - 1
+    return artifact.tensors[f"{conv}.scales"][bits - 1].astype(np.float64) / float((n + 1) * n)
+
+
+class FloatParts:
+    """The stem and head of the network in float64, as the C net structs take them."""
+
+    def __init__(self, artifact: Artifact, bits: int, keep: list[np.ndarray]):
+        layers = artifact.architecture
+        self.stem, self.head, self.blocks = layers[0], layers[-1], layers[1:-1]
+        t = artifact.tensors
+        sw = t[f"{self.stem['name']}.weight"]
+        if sw.shape[1] != 1:
+            raise ValueError("the native stem takes one input channel")
+        stem_w = np.ascontiguousarray(sw.reshape(sw.shape[0], -1).T, dtype=np.float64)  # [kk*kk, cout]
+        fc_w = np.ascontiguousarray(t[f"{self.head['name']}.fc.weight"], dtype=np.float64)
+        fc_b = np.ascontiguousarray(t[f"{self.head['name']}.fc.bias"], dtype=np.float64)
+        keep += [stem_w, fc_w, fc_b]
+        self.stem_w, self.fc_w, self.fc_b = (ptr(a, ctypes.c_double) for a in (stem_w, fc_w, fc_b))
+        self.head_bn = batchnorm(artifact, f"{self.head['name']}.bn", bits, keep)
+
+
+def forward(fn: Any, net: Any, images: np.ndarray, outputs: int, threads: int, path: int) -> np.ndarray:
+    """Run a C forward entry: images float64 [B, 28, 28] (pixels / 255) -> float32 logits [B, outputs]."""
+    x = np.ascontiguousarray(images, dtype=np.float64).reshape(-1, 28, 28)
+    logits = np.empty((x.shape[0], outputs), dtype=np.float32)
+    rc = fn(ctypes.byref(net), x.ctypes.data, x.shape[0], logits.ctypes.data, max(1, threads), path)
+    if rc:
+        raise NativeError(f"{fn.__name__} failed ({rc})")
+    return logits

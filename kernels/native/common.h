@@ -1,0 +1,57 @@
+/* What bitserial.c and int16.c share: dispatch, the float64 BatchNorm and requantizer every path must
+ * compute identically, and the float parts of the network (stem, shortcut, head) around the quantized
+ * convs. Everything float is float64, like the reference engine. */
+#ifndef APQ_COMMON_H
+#define APQ_COMMON_H
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define APQ_X86 1
+#endif
+
+#define AI static inline __attribute__((always_inline))
+#define TARGET_AVX2 __attribute__((target("avx2,popcnt")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt")))
+
+enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
+
+/* The path to run for a requested one: AUTO -> the best this CPU has; -1 if the CPU lacks it. */
+int apq_resolve_path(int path);
+
+typedef struct {
+    const double *mean, *denom, *gamma, *beta; /* denom = sqrt(var + eps) */
+} batchnorm;
+
+/* BatchNorm in inference form, in the order the reference computes it. */
+static inline double bn_apply(const batchnorm *bn, int c, double x) {
+    return (x - bn->mean[c]) / bn->denom[c] * bn->gamma[c] + bn->beta[c];
+}
+
+/* The reference's activation quantizer: floor(clip(z, 0, 1) * n + 0.5). */
+static inline int quantize(double z, double n) {
+    z = z < 0.0 ? 0.0 : (z > 1.0 ? 1.0 : z);
+    return (int)floor(z * n + 0.5);
+}
+
+/* The stem conv (one input channel, zero padding kernel / 2): img [H*W] -> out [H*W][cout]. */
+void apq_stem(int path, const double *img, int H, int W, int kk, const double *wt, int cout, double *out);
+
+/* Option-A shortcut: x [H*W][cin] subsampled by stride, channels zero-filled up to cout -> out. */
+void apq_shortcut(const double *x, int H, int W, int cin, int cout, int stride, double *out);
+
+/* relu(bn(x)), global average pool, linear: x [npix][c] -> logits [head_out] (head_in <= 1024). */
+void apq_head(const double *x, int npix, int c, const batchnorm *bn, int head_in, int head_out, const double *fc_w,
+              const double *fc_b, float *logits);
+
+/* Runs fn(ctx, b0, b1) over [0, batch) split across up to `threads` threads, the caller being one of
+ * them; returns the first non-zero status. */
+typedef int (*apq_range_fn)(const void *ctx, int b0, int b1);
+int apq_parallel(apq_range_fn fn, const void *ctx, int batch, int threads);
+
+#endif
