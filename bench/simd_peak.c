@@ -17,78 +17,31 @@ static double seconds(struct timespec a, struct timespec b) {
     return (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) * 1e-9;
 }
 
-static void vpmaddwd(void) {
-    __m256i a0 = _mm256_set1_epi32(1), a1 = _mm256_set1_epi32(2), a2 = _mm256_set1_epi32(3), a3 = _mm256_set1_epi32(4), a4 = _mm256_set1_epi32(5), a5 = _mm256_set1_epi32(6), a6 = _mm256_set1_epi32(7), a7 = _mm256_set1_epi32(8), a8 = _mm256_set1_epi32(9), a9 = _mm256_set1_epi32(10);
-    __m256i w = _mm256_set1_epi32(3);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long i = 0; i < N; i++) {
-        __asm__ volatile("" : "+x"(w));
-        a0 = _mm256_madd_epi16(a0, w);
-        a1 = _mm256_madd_epi16(a1, w);
-        a2 = _mm256_madd_epi16(a2, w);
-        a3 = _mm256_madd_epi16(a3, w);
-        a4 = _mm256_madd_epi16(a4, w);
-        a5 = _mm256_madd_epi16(a5, w);
-        a6 = _mm256_madd_epi16(a6, w);
-        a7 = _mm256_madd_epi16(a7, w);
-        a8 = _mm256_madd_epi16(a8, w);
-        a9 = _mm256_madd_epi16(a9, w);
-    }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), a2), a3), a4), a5), a6), a7), a8), a9);
-    printf("%-11s %5.2f per ns  (%g)\n", "vpmaddwd", 10.0 * N / seconds(t0, t1) / 1e9, (double)_mm256_extract_epi32(r, 0));
-}
+/* One timing loop for any vector type: T the type, SET(v) a splat, STEP(a, w) the instruction under test,
+ * ADD a reduction for the printout, FIRST(r) its first lane as a number. */
+#define CHAINS(NAME, T, SET, STEP, ADD, FIRST)                                                               \
+    do {                                                                                                     \
+        T a0 = SET(1), a1 = SET(2), a2 = SET(3), a3 = SET(4), a4 = SET(5), a5 = SET(6), a6 = SET(7);         \
+        T a7 = SET(8), a8 = SET(9), a9 = SET(10), w = SET(3);                                                \
+        struct timespec t0, t1;                                                                              \
+        clock_gettime(CLOCK_MONOTONIC, &t0);                                                                 \
+        for (long i = 0; i < N; i++) {                                                                       \
+            __asm__ volatile("" : "+x"(w));                                                                  \
+            a0 = STEP(a0, w), a1 = STEP(a1, w), a2 = STEP(a2, w), a3 = STEP(a3, w), a4 = STEP(a4, w);        \
+            a5 = STEP(a5, w), a6 = STEP(a6, w), a7 = STEP(a7, w), a8 = STEP(a8, w), a9 = STEP(a9, w);        \
+        }                                                                                                    \
+        clock_gettime(CLOCK_MONOTONIC, &t1);                                                                 \
+        const T r = ADD(ADD(ADD(ADD(a0, a1), ADD(a2, a3)), ADD(ADD(a4, a5), ADD(a6, a7))), ADD(a8, a9));     \
+        printf("%-11s %5.2f per ns  (%g)\n", NAME, 10.0 * N / seconds(t0, t1) / 1e9, (double)FIRST(r));      \
+    } while (0)
 
-static void vpmaddubsw(void) {
-    __m256i a0 = _mm256_set1_epi32(1), a1 = _mm256_set1_epi32(2), a2 = _mm256_set1_epi32(3), a3 = _mm256_set1_epi32(4), a4 = _mm256_set1_epi32(5), a5 = _mm256_set1_epi32(6), a6 = _mm256_set1_epi32(7), a7 = _mm256_set1_epi32(8), a8 = _mm256_set1_epi32(9), a9 = _mm256_set1_epi32(10);
-    __m256i w = _mm256_set1_epi32(3);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long i = 0; i < N; i++) {
-        __asm__ volatile("" : "+x"(w));
-        a0 = _mm256_maddubs_epi16(a0, w);
-        a1 = _mm256_maddubs_epi16(a1, w);
-        a2 = _mm256_maddubs_epi16(a2, w);
-        a3 = _mm256_maddubs_epi16(a3, w);
-        a4 = _mm256_maddubs_epi16(a4, w);
-        a5 = _mm256_maddubs_epi16(a5, w);
-        a6 = _mm256_maddubs_epi16(a6, w);
-        a7 = _mm256_maddubs_epi16(a7, w);
-        a8 = _mm256_maddubs_epi16(a8, w);
-        a9 = _mm256_maddubs_epi16(a9, w);
-    }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), a2), a3), a4), a5), a6), a7), a8), a9);
-    printf("%-11s %5.2f per ns  (%g)\n", "vpmaddubsw", 10.0 * N / seconds(t0, t1) / 1e9, (double)_mm256_extract_epi32(r, 0));
-}
-
-static void fp_FMA(void) {
-    __m256 a0 = _mm256_set1_ps(0.999f * 1), a1 = _mm256_set1_ps(0.999f * 2), a2 = _mm256_set1_ps(0.999f * 3), a3 = _mm256_set1_ps(0.999f * 4), a4 = _mm256_set1_ps(0.999f * 5), a5 = _mm256_set1_ps(0.999f * 6), a6 = _mm256_set1_ps(0.999f * 7), a7 = _mm256_set1_ps(0.999f * 8), a8 = _mm256_set1_ps(0.999f * 9), a9 = _mm256_set1_ps(0.999f * 10);
-    __m256 w = _mm256_set1_ps(0.999f * 3);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long i = 0; i < N; i++) {
-        __asm__ volatile("" : "+x"(w));
-        a0 = _mm256_fmadd_ps(a0, w, w);
-        a1 = _mm256_fmadd_ps(a1, w, w);
-        a2 = _mm256_fmadd_ps(a2, w, w);
-        a3 = _mm256_fmadd_ps(a3, w, w);
-        a4 = _mm256_fmadd_ps(a4, w, w);
-        a5 = _mm256_fmadd_ps(a5, w, w);
-        a6 = _mm256_fmadd_ps(a6, w, w);
-        a7 = _mm256_fmadd_ps(a7, w, w);
-        a8 = _mm256_fmadd_ps(a8, w, w);
-        a9 = _mm256_fmadd_ps(a9, w, w);
-    }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    const __m256 r = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), a2), a3), a4), a5), a6), a7), a8), a9);
-    printf("%-11s %5.2f per ns  (%g)\n", "fp32 FMA", 10.0 * N / seconds(t0, t1) / 1e9, (double)_mm256_cvtss_f32(r));
-}
+#define FMA(a, w) _mm256_fmadd_ps(a, w, w)
+#define FIRST_INT(r) _mm256_extract_epi32(r, 0)
+#define SET_PS(v) _mm256_set1_ps(0.999f * (v))
 
 int main(void) {
-    vpmaddwd();
-    vpmaddubsw();
-    fp_FMA();
+    CHAINS("vpmaddwd", __m256i, _mm256_set1_epi32, _mm256_madd_epi16, _mm256_add_epi32, FIRST_INT);
+    CHAINS("vpmaddubsw", __m256i, _mm256_set1_epi32, _mm256_maddubs_epi16, _mm256_add_epi32, FIRST_INT);
+    CHAINS("fp32 FMA", __m256, SET_PS, FMA, _mm256_add_ps, _mm256_cvtss_f32);
     return 0;
 }

@@ -40,22 +40,7 @@ class _Block(ctypes.Structure):
     ]
 
 
-class _Net(ctypes.Structure):
-    _fields_ = [
-        ("bits", ctypes.c_int),
-        ("height", ctypes.c_int),
-        ("width", ctypes.c_int),
-        ("nblocks", ctypes.c_int),
-        ("stem_cout", ctypes.c_int),
-        ("stem_kernel", ctypes.c_int),
-        ("stem_w", _P(ctypes.c_double)),
-        ("blocks", _P(_Block)),
-        ("head_in", ctypes.c_int),
-        ("head_out", ctypes.c_int),
-        ("head_bn", clib.BatchNorm),
-        ("fc_w", _P(ctypes.c_double)),
-        ("fc_b", _P(ctypes.c_double)),
-    ]
+_Net = clib.net_struct(_Block)
 
 
 @functools.cache
@@ -159,14 +144,10 @@ class BitSerialNet:
                 ptr(ithr, ctypes.c_int64), ptr(ithr_t, ctypes.c_int64), ptr(isign, ctypes.c_int32),
                 ptr(alpha2, ctypes.c_double),
             )  # fmt: skip
-        stem, head = parts.stem, parts.head
-        self._net = _Net(
-            bits, 28, 28, len(parts.blocks), stem["out"], stem["kernel"], parts.stem_w, cblocks,
-            head["in"], head["out"], parts.head_bn, parts.fc_w, parts.fc_b,
-        )  # fmt: skip
+        self._net = parts.net(_Net, cblocks)
         self._blocks = cblocks
         self._keep = keep
-        self.outputs = head["out"]
+        self.outputs = parts.head["out"]
 
     def run(self, images: np.ndarray, threads: int = 1) -> np.ndarray:
         """images: float64 [B, 28, 28] (pixels / 255) -> float32 logits [B, outputs]."""

@@ -97,6 +97,30 @@ def alpha(artifact: Artifact, conv: str, bits: int) -> np.ndarray:
     return artifact.tensors[f"{conv}.scales"][bits - 1].astype(np.float64) / float((n + 1) * n)
 
 
+def net_struct(block: type[ctypes.Structure]) -> type[ctypes.Structure]:
+    """The C net struct (apq_net of bitserial.c, apq_net16 of int16.c): the float parts around an array of
+    ``block``, the one field in which the two differ."""
+
+    class Net(ctypes.Structure):
+        _fields_ = [
+            ("bits", ctypes.c_int),
+            ("height", ctypes.c_int),
+            ("width", ctypes.c_int),
+            ("nblocks", ctypes.c_int),
+            ("stem_cout", ctypes.c_int),
+            ("stem_kernel", ctypes.c_int),
+            ("stem_w", P(ctypes.c_double)),
+            ("blocks", P(block)),
+            ("head_in", ctypes.c_int),
+            ("head_out", ctypes.c_int),
+            ("head_bn", BatchNorm),
+            ("fc_w", P(ctypes.c_double)),
+            ("fc_b", P(ctypes.c_double)),
+        ]
+
+    return Net
+
+
 class FloatParts:
     """The stem and head of the network in float64, as the C net structs take them."""
 
@@ -113,6 +137,15 @@ class FloatParts:
         keep += [stem_w, fc_w, fc_b]
         self.stem_w, self.fc_w, self.fc_b = (ptr(a, ctypes.c_double) for a in (stem_w, fc_w, fc_b))
         self.head_bn = batchnorm(artifact, f"{self.head['name']}.bn", bits, keep)
+        self.bits = bits
+
+    def net(self, struct: type[ctypes.Structure], blocks: Any) -> ctypes.Structure:
+        """An instance of ``struct`` (from ``net_struct``) for a 28 x 28 input around the C array ``blocks``."""
+        stem, head = self.stem, self.head
+        return struct(
+            self.bits, 28, 28, len(self.blocks), stem["out"], stem["kernel"], self.stem_w, blocks,
+            head["in"], head["out"], self.head_bn, self.fc_w, self.fc_b,
+        )  # fmt: skip
 
 
 def forward(fn: Any, net: Any, images: np.ndarray, outputs: int, threads: int, path: int) -> np.ndarray:

@@ -35,22 +35,7 @@ class _Block(ctypes.Structure):
     ]
 
 
-class _Net(ctypes.Structure):
-    _fields_ = [
-        ("bits", ctypes.c_int),
-        ("height", ctypes.c_int),
-        ("width", ctypes.c_int),
-        ("nblocks", ctypes.c_int),
-        ("stem_cout", ctypes.c_int),
-        ("stem_kernel", ctypes.c_int),
-        ("stem_w", _P(ctypes.c_double)),
-        ("blocks", _P(_Block)),
-        ("head_in", ctypes.c_int),
-        ("head_out", ctypes.c_int),
-        ("head_bn", clib.BatchNorm),
-        ("fc_w", _P(ctypes.c_double)),
-        ("fc_b", _P(ctypes.c_double)),
-    ]
+_Net = clib.net_struct(_Block)
 
 
 @functools.cache
@@ -122,15 +107,10 @@ class Int16Net:
                 clib.batchnorm(artifact, f"{name}.bn1", bits, keep), clib.batchnorm(artifact, f"{name}.bn2", bits, keep),
                 clib.ptr(alpha1, ctypes.c_double), clib.ptr(alpha2, ctypes.c_double),
             )  # fmt: skip
-        stem, head = parts.stem, parts.head
-        self._net = _Net(
-            bits, 28, 28, len(parts.blocks), stem["out"], stem["kernel"], parts.stem_w, cblocks,
-            head["in"], head["out"], parts.head_bn, parts.fc_w, parts.fc_b,
-        )  # fmt: skip
+        self._net = parts.net(_Net, cblocks)
         self._blocks = cblocks
         self._keep = keep
-        self.outputs = head["out"]
-        self.nbytes = sum(a.nbytes for a in keep)
+        self.outputs = parts.head["out"]
 
     def run(self, images: np.ndarray, threads: int = 1) -> np.ndarray:
         """images: float64 [B, 28, 28] (pixels / 255) -> float32 logits [B, outputs]."""

@@ -402,7 +402,6 @@ void apq_head(const double *x, int npix, int c, const batchnorm *bn, int head_in
               const double *fc_b, float *logits) {
     double pooled[1024];
     const int hin = head_in < 1024 ? head_in : 1024;
-    (void)c;
     for (int ch = 0; ch < hin; ch++) pooled[ch] = 0.0;
     for (int p = 0; p < npix; p++)
         for (int ch = 0; ch < hin; ch++) {
