@@ -29,7 +29,7 @@ setup(
     ext_modules=[
         Extension(
             "kernels._bitserial",
-            sources=["kernels/native/bitserial.c", "kernels/native/int16.c"],
+            sources=["kernels/native/bitserial.c", "kernels/native/integer.c"],
             depends=["kernels/native/common.h", "kernels/native/avx2.h", "kernels/native/avx512.h"],
             extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-strict-aliasing"],
             libraries=["m", "pthread"],

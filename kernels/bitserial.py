@@ -30,6 +30,8 @@ class _Block(ctypes.Structure):
         ("rw2", ctypes.c_int),
         ("w1", _P(ctypes.c_uint64)),
         ("w2", _P(ctypes.c_uint64)),
+        ("w1n", _P(ctypes.c_uint64)),
+        ("w2n", _P(ctypes.c_uint64)),
         ("xthr", _P(ctypes.c_double)),
         ("xthr_t", _P(ctypes.c_double)),
         ("xsign", _P(ctypes.c_int32)),
@@ -64,6 +66,8 @@ def _library() -> ctypes.CDLL:
     lib.apq_int_thresholds.restype = None
     lib.apq_float_thresholds.argtypes = [bn, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.apq_float_thresholds.restype = None
+    lib.apq_split_nibbles.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.apq_split_nibbles.restype = None
     return lib
 
 
@@ -72,6 +76,14 @@ def _words(planes: np.ndarray) -> np.ndarray:
     if planes.ctypes.data % 8:
         planes = np.ascontiguousarray(planes).copy()
     return planes.view(np.uint64)
+
+
+def _nibbles(words: np.ndarray, bits: int) -> np.ndarray:
+    """The AVX2 core's copy of the top ``bits`` planes, split into nibbles: [2, bits, cout, rw] uint64."""
+    top = np.ascontiguousarray(words[:bits])
+    out = np.empty((2, *top.shape), np.uint64)
+    _library().apq_split_nibbles(top.ctypes.data, bits, top.shape[1], top.shape[2], out.ctypes.data)
+    return out
 
 
 def conv_codes(codes: np.ndarray, planes: np.ndarray, bits: int, stride: int, path: str = "auto") -> np.ndarray:
@@ -121,6 +133,7 @@ class BitSerialNet:
         for i, layer in enumerate(parts.blocks):
             name, cin, cout = layer["name"], layer["in"], layer["out"]
             w1, w2 = _words(t[f"{name}.conv1.planes"]), _words(t[f"{name}.conv2.planes"])
+            w1n, w2n = _nibbles(w1, bits), _nibbles(w2, bits)
             # bn1 + quantizer on the float residual stream, as thresholds on float64 values
             xthr, xsign = np.empty((cin, n), np.float64), np.empty(cin, np.int32)
             bn1 = clib.batchnorm(artifact, f"{name}.bn1", bits, keep)
@@ -135,11 +148,11 @@ class BitSerialNet:
             )
             alpha2 = clib.alpha(artifact, f"{name}.conv2", bits)
             xthr_t, ithr_t = np.ascontiguousarray(xthr.T), np.ascontiguousarray(ithr.T)  # SIMD layouts
-            keep += [w1, w2, xthr, xthr_t, xsign, ithr, ithr_t, isign, alpha1, alpha2]
+            keep += [w1, w2, w1n, w2n, xthr, xthr_t, xsign, ithr, ithr_t, isign, alpha1, alpha2]
             ptr = clib.ptr
             cblocks[i] = _Block(
                 cin, cout, layer["stride"], w1.shape[2], w2.shape[2],
-                ptr(w1, ctypes.c_uint64), ptr(w2, ctypes.c_uint64),
+                ptr(w1, ctypes.c_uint64), ptr(w2, ctypes.c_uint64), ptr(w1n, ctypes.c_uint64), ptr(w2n, ctypes.c_uint64),
                 ptr(xthr, ctypes.c_double), ptr(xthr_t, ctypes.c_double), ptr(xsign, ctypes.c_int32),
                 ptr(ithr, ctypes.c_int64), ptr(ithr_t, ctypes.c_int64), ptr(isign, ctypes.c_int32),
                 ptr(alpha2, ctypes.c_double),

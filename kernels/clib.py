@@ -1,4 +1,4 @@
-"""The native library (kernels/native: bitserial.c and int16.c in one shared object), loaded with ctypes.
+"""The native library (kernels/native: bitserial.c and integer.c in one shared object), loaded with ctypes.
 
 ctypes releases the GIL for the whole of every call, so engine threads run in parallel with the event
 loop. This module holds what both kernel families share: loading, the dispatch paths, and the float64
@@ -98,7 +98,7 @@ def alpha(artifact: Artifact, conv: str, bits: int) -> np.ndarray:
 
 
 def net_struct(block: type[ctypes.Structure]) -> type[ctypes.Structure]:
-    """The C net struct (apq_net of bitserial.c, apq_net16 of int16.c): the float parts around an array of
+    """The C net struct (apq_net of bitserial.c, apq_net_int of integer.c): the float parts around an array of
     ``block``, the one field in which the two differ."""
 
     class Net(ctypes.Structure):
@@ -148,11 +148,12 @@ class FloatParts:
         )  # fmt: skip
 
 
-def forward(fn: Any, net: Any, images: np.ndarray, outputs: int, threads: int, path: int) -> np.ndarray:
-    """Run a C forward entry: images float64 [B, 28, 28] (pixels / 255) -> float32 logits [B, outputs]."""
+def forward(fn: Any, net: Any, images: np.ndarray, outputs: int, threads: int, path: int, *extra: int) -> np.ndarray:
+    """Run a C forward entry (``extra``: its arguments after the path): images float64 [B, 28, 28]
+    (pixels / 255) -> float32 logits [B, outputs]."""
     x = np.ascontiguousarray(images, dtype=np.float64).reshape(-1, 28, 28)
     logits = np.empty((x.shape[0], outputs), dtype=np.float32)
-    rc = fn(ctypes.byref(net), x.ctypes.data, x.shape[0], logits.ctypes.data, max(1, threads), path)
+    rc = fn(ctypes.byref(net), x.ctypes.data, x.shape[0], logits.ctypes.data, max(1, threads), path, *extra)
     if rc:
         raise NativeError(f"{fn.__name__} failed ({rc})")
     return logits

@@ -5,12 +5,13 @@ per-bits execution state (a native network description or an onnxruntime session
 first use and cached. The backend per bits comes from a profile (kernels.profiler) or the defaults:
 
 - 32: onnxruntime fp32 graph
-- 3..8: the native int16 kernels (int16 codes x int16 weight levels -> int32, exact)
-- 1, 2: the native bit-serial kernels (AND + popcount on the top-k bit-planes)
+- 7, 8: the native integer kernels at width 16 (int16 codes x int16 weight levels -> int32, exact)
+- 2..6: the native integer kernels at width 8 (uint8 codes x int8 levels, exact int16 partial sums)
+- 1: the native bit-serial kernels (AND + popcount on the top-k bit-planes)
 
 Other backends a profile may pick: onnxruntime int8 (MatMulInteger on the codes) and fp32-codes graphs for
-any 1..8, the bit-serial kernels at any 1..8, and each native dispatch path by name (``native-avx2``,
-``int16-scalar``).
+any 1..8, the bit-serial kernels at any 1..8, width 8 at 1..7, width 16 at any 1..8, and each native
+dispatch path by name (``native-avx2``, ``int16-scalar``, ``int8-avx2``).
 
 Every backend computes in float64 outside the integer convs, like the reference engine, so the codes it
 quantizes are the reference's. One batch runs at a time per engine, on ``threads`` cores: concurrent
@@ -34,7 +35,9 @@ ORT_INT8 = "onnxruntime-int8"
 ORT_FP32_CODES = "onnxruntime-fp32-codes"
 REFERENCE = "reference"
 NATIVE_PREFIX = "native"  # the bit-serial kernels: native, native-avx2, native-scalar, ...
-INT16_PREFIX = "int16"  # the int16 kernels: int16, int16-avx2, int16-scalar
+INT16_PREFIX = "int16"  # the integer kernels at width 16: int16, int16-avx2, int16-scalar
+INT8_PREFIX = "int8"  # the integer kernels at width 8: int8, int8-avx2, int8-scalar (bits <= 7)
+INTEGER_WIDTH = {INT8_PREFIX: 8, INT16_PREFIX: 16}
 
 Runner = Callable[[np.ndarray], np.ndarray]
 Backends = Mapping[int, str] | Mapping[str, str]  # bits (or its string, as in a profile file) -> backend
@@ -43,12 +46,14 @@ Backends = Mapping[int, str] | Mapping[str, str]  # bits (or its string, as in a
 def default_backend(bits: int) -> str:
     if bits == FP32:
         return ORT_FP32
-    if bits >= 3:
+    if bits >= 7:
         return INT16_PREFIX
+    if bits >= 2:
+        return INT8_PREFIX
     return NATIVE_PREFIX
 
 
-def _int16_paths() -> list[str]:
+def _integer_paths() -> list[str]:
     from kernels import clib
 
     return [p for p in clib.available_paths() if p in ("avx2", "scalar")]
@@ -61,8 +66,13 @@ def backends_for(bits: int) -> list[str]:
     if bits == FP32:
         return [ORT_FP32]
     native = [f"{NATIVE_PREFIX}-{p}" for p in bitserial.available_paths()]
-    wide = [f"{INT16_PREFIX}-{p}" for p in _int16_paths()]
+    wide = [f"{prefix}-{p}" for prefix in _integer_prefixes(bits) for p in _integer_paths()]
     return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + wide + native
+
+
+def _integer_prefixes(bits: int) -> list[str]:
+    """The integer kernel widths that serve ``bits``: int8 levels reach 7 bits."""
+    return [INT8_PREFIX, INT16_PREFIX] if bits <= 7 else [INT16_PREFIX]
 
 
 def check_backend(bits: int, name: str) -> None:
@@ -74,6 +84,8 @@ def check_backend(bits: int, name: str) -> None:
         ok = name == ORT_FP32
     elif name in (NATIVE_PREFIX, INT16_PREFIX) or name.startswith((f"{NATIVE_PREFIX}-", f"{INT16_PREFIX}-")):
         ok = 1 <= bits <= 8
+    elif name == INT8_PREFIX or name.startswith(f"{INT8_PREFIX}-"):
+        ok = 1 <= bits <= 7
     else:
         ok = name == ORT_FP32_CODES or (name == ORT_INT8 and bits >= 3)
     if not ok:
@@ -153,14 +165,15 @@ def build_runner(artifact: Artifact, bits: int, backend: str, threads: int) -> t
     if backend == REFERENCE:
         ref = ReferenceEngine(artifact)
         return REFERENCE, lambda x: ref.run(x.reshape(-1, 1, 28, 28), bits)
-    if backend.startswith(INT16_PREFIX):
-        from kernels import int16
+    prefix = backend.split("-")[0]
+    if prefix in INTEGER_WIDTH:
+        from kernels import integer
 
-        path = backend[len(INT16_PREFIX) + 1 :] or "auto"
-        if path not in ("auto", *_int16_paths()):
+        path = backend[len(prefix) + 1 :] or "auto"
+        if path not in ("auto", *_integer_paths()):
             path = "auto"  # a profile from another CPU: take the best path this one has
-        wide = int16.Int16Net(artifact, bits, path)
-        return f"{INT16_PREFIX}-{wide.path}", lambda x: wide.run(_float64_nhwc(x), threads)
+        wide = integer.IntegerNet(artifact, bits, INTEGER_WIDTH[prefix], path)
+        return f"{prefix}-{wide.path}", lambda x: wide.run(_float64_nhwc(x), threads)
     if backend.startswith(NATIVE_PREFIX):
         from kernels import bitserial
 

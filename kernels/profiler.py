@@ -22,19 +22,30 @@ from typing import Any
 import numpy as np
 
 from kernels import bitserial
-from kernels.engine import FP32, INT16_PREFIX, ORT_FP32, ORT_FP32_CODES, ORT_INT8, build_runner, default_backend
+from kernels.engine import (
+    FP32,
+    INT8_PREFIX,
+    INT16_PREFIX,
+    ORT_FP32,
+    ORT_FP32_CODES,
+    ORT_INT8,
+    build_runner,
+    default_backend,
+)
 from kernels.reference import ReferenceEngine
 from model_store import fashion_mnist
 from model_store.artifact import Artifact
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 CHECK_IMAGES = 1000
-# The bit-serial cost grows with k^2 plane pairs: past 4 bits it cannot beat int8, so it is not timed
-# there by default (measured: see docs/PERFORMANCE.md). The portable C path is timed only where no SIMD
-# path exists.
-NATIVE_MAX_BITS = 4
-# At 1 and 2 bits the bit-serial kernels do less work than the int16 ones; from 3 bits both are timed.
-INT16_MIN_BITS = 3
+# Which native kernels are timed at which bits (measured: docs/PERFORMANCE.md, session 8). The bit-serial
+# cost grows with k^2 plane pairs: past 2 bits it loses to the int8 kernels. The int8 kernels widen their
+# int16 partial sums more often as k grows (every quad at 7 bits), so past 6 bits they lose to int16,
+# which does twice their instructions per multiply-add and so is timed only from 5 bits. The portable C
+# path is timed only where no SIMD path exists.
+NATIVE_MAX_BITS = 2
+INT8_MAX_BITS = 6
+INT16_MIN_BITS = 5
 LOGIT_TOLERANCE = 1e-3  # relative to the largest reference logit
 
 
@@ -73,7 +84,9 @@ def candidates(bits: int) -> list[str]:
     paths = bitserial.available_paths()
     simd = [p for p in paths if p != "scalar"] or ["scalar"]
     native = [f"native-{p}" for p in simd] if bits <= NATIVE_MAX_BITS else []
-    wide = [f"{INT16_PREFIX}-{'avx2' if 'avx2' in paths else 'scalar'}"] if bits >= INT16_MIN_BITS else []
+    integer_path = "avx2" if "avx2" in paths else "scalar"
+    wide = [f"{INT8_PREFIX}-{integer_path}"] if bits <= INT8_MAX_BITS else []
+    wide += [f"{INT16_PREFIX}-{integer_path}"] if bits >= INT16_MIN_BITS else []
     return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + wide + native
 
 

@@ -3,84 +3,113 @@
  * bitserial.c that computes the same bits: the same float64 operations in the same order per value (no
  * FMA, no reassociation), so every path gives identical logits (tested). */
 
-/* AVX2 has no 64-bit popcount: nibble lookup (vpshufb) into byte counts, summed over up to 31 words
- * (8 * 31 < 256, no byte overflow), then vpsadbw to 64-bit lanes. 8 pixels = two ymm. */
-TARGET_AVX2 static inline __m256i pc_bytes(__m256i v, __m256i lut, __m256i low) {
-    __m256i lo = _mm256_and_si256(v, low);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
-}
-
-TARGET_AVX2 static void core_avx2(const uint64_t *tile, const uint64_t *w, int bits, int cout, int rw, int64_t *dot) {
+/* AVX2 has no 64-bit popcount: a nibble lookup (vpshufb) gives byte counts, summed over up to 31 words
+ * (8 * 31 < 256, no byte overflow), then vpsadbw to 64-bit lanes. The weights come split into nibbles
+ * (wn: the low nibble of each byte, then the high nibble shifted down, see split_nibbles), so a masked
+ * AND is the lookup index itself: per channel and vector two ANDs, two lookups and two adds, and the one
+ * shift of the activations is shared by 4 channels. 4 channels x 8 pixels (two ymm) per pass. */
+TARGET_AVX2 static void core_avx2(const uint64_t *tile, const uint64_t *w, const uint64_t *wn, int bits, int cout,
+                                  int rw, int64_t *dot) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
                                          2, 2, 3, 2, 3, 3, 4);
-    const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i zero = _mm256_setzero_si256();
+    const size_t high = (size_t)bits * cout * rw; /* wn + high: the high nibbles */
     int o = 0;
-    for (; o + 2 <= cout; o += 2) {
-        __m256i acc00 = zero, acc01 = zero, acc10 = zero, acc11 = zero; /* acc[cout][half] */
+    for (; o + 4 <= cout; o += 4) {
+        for (int k = 0; k < 4 * TILE; k += 4) _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE + k), zero);
         for (int p = 0; p < bits; p++) {
-            const uint64_t *w0 = w + ((size_t)p * cout + o) * rw;
-            const uint64_t *w1 = w0 + rw;
+            const uint64_t *wl = wn + ((size_t)p * cout + o) * rw, *wh = wl + high;
             for (int q = 0; q < bits; q++) {
                 const __m128i shift = _mm_cvtsi32_si128(2 * bits - 2 - p - q);
                 const uint64_t *ar = tile + (size_t)q * rw * TILE;
                 for (int i0 = 0; i0 < rw; i0 += 31) {
                     const int i1 = i0 + 31 < rw ? i0 + 31 : rw;
-                    __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero;
+                    __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero, s20 = zero, s21 = zero, s30 = zero,
+                            s31 = zero; /* s[channel][pixel half] */
                     for (int i = i0; i < i1; i++) {
-                        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE));
-                        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE + 4));
-                        const __m256i b0 = _mm256_set1_epi64x((long long)w0[i]);
-                        const __m256i b1 = _mm256_set1_epi64x((long long)w1[i]);
-                        s00 = _mm256_add_epi8(s00, pc_bytes(_mm256_and_si256(a0, b0), lut, low));
-                        s01 = _mm256_add_epi8(s01, pc_bytes(_mm256_and_si256(a1, b0), lut, low));
-                        s10 = _mm256_add_epi8(s10, pc_bytes(_mm256_and_si256(a0, b1), lut, low));
-                        s11 = _mm256_add_epi8(s11, pc_bytes(_mm256_and_si256(a1, b1), lut, low));
+                        __m256i a0 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE));
+                        __m256i a1 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE + 4));
+                        __m256i b;
+#define COUNT(c, wv)                                                                        \
+    b = _mm256_set1_epi64x((long long)(wv)[(c) * rw + i]);                                  \
+    s##c##0 = _mm256_add_epi8(s##c##0, _mm256_shuffle_epi8(lut, _mm256_and_si256(a0, b))); \
+    s##c##1 = _mm256_add_epi8(s##c##1, _mm256_shuffle_epi8(lut, _mm256_and_si256(a1, b)));
+                        COUNT(0, wl) COUNT(1, wl) COUNT(2, wl) COUNT(3, wl)
+                        a0 = _mm256_srli_epi16(a0, 4);
+                        a1 = _mm256_srli_epi16(a1, 4);
+                        COUNT(0, wh) COUNT(1, wh) COUNT(2, wh) COUNT(3, wh)
+#undef COUNT
                     }
-                    acc00 = _mm256_add_epi64(acc00, _mm256_sll_epi64(_mm256_sad_epu8(s00, zero), shift));
-                    acc01 = _mm256_add_epi64(acc01, _mm256_sll_epi64(_mm256_sad_epu8(s01, zero), shift));
-                    acc10 = _mm256_add_epi64(acc10, _mm256_sll_epi64(_mm256_sad_epu8(s10, zero), shift));
-                    acc11 = _mm256_add_epi64(acc11, _mm256_sll_epi64(_mm256_sad_epu8(s11, zero), shift));
+                    const __m256i s[4][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};
+                    for (int c = 0; c < 4; c++)
+                        for (int h = 0; h < 2; h++) {
+                            __m256i *d = (__m256i *)(dot + (size_t)(o + c) * TILE + 4 * h);
+                            const __m256i add = _mm256_sll_epi64(_mm256_sad_epu8(s[c][h], zero), shift);
+                            _mm256_storeu_si256(d, _mm256_add_epi64(_mm256_loadu_si256(d), add));
+                        }
                 }
             }
         }
-        _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE), acc00);
-        _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE + 4), acc01);
-        _mm256_storeu_si256((__m256i *)(dot + (size_t)(o + 1) * TILE), acc10);
-        _mm256_storeu_si256((__m256i *)(dot + (size_t)(o + 1) * TILE + 4), acc11);
     }
     for (; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
 }
 
-
 /* The stem (one input channel, float64) for cout % 16 == 0: 16 channels of accumulators stay in
- * registers across the kernel window; per channel the sum runs in the scalar stem's order. */
+ * registers across the kernel window; per channel the sum runs in the scalar stem's order (taps in
+ * order, skipping those off the image). Two horizontally adjacent pixels whose windows are both inside
+ * the image in x share the weight loads and keep twice the independent add chains in flight. */
+TARGET_AVX2 AI void stem_pixels_avx2(const double *img, int H, int W, int kk, const double *wt, int cout, int y,
+                                     int x, int two, double *out) {
+    const int pad = kk / 2;
+    for (int o = 0; o < cout; o += 16) {
+        __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int ky = 0; ky < kk; ky++) {
+            const int iy = y + ky - pad;
+            if (iy < 0 || iy >= H) continue;
+            for (int kx = 0; kx < kk; kx++) {
+                const int ix = x + kx - pad;
+                if (!two && (ix < 0 || ix >= W)) continue;
+                const double *wr = wt + (size_t)(ky * kk + kx) * cout + o;
+                const __m256d w0 = _mm256_loadu_pd(wr), w1 = _mm256_loadu_pd(wr + 4);
+                const __m256d w2 = _mm256_loadu_pd(wr + 8), w3 = _mm256_loadu_pd(wr + 12);
+                const __m256d v = _mm256_set1_pd(img[iy * W + ix]);
+                a0 = _mm256_add_pd(a0, _mm256_mul_pd(v, w0));
+                a1 = _mm256_add_pd(a1, _mm256_mul_pd(v, w1));
+                a2 = _mm256_add_pd(a2, _mm256_mul_pd(v, w2));
+                a3 = _mm256_add_pd(a3, _mm256_mul_pd(v, w3));
+                if (two) {
+                    const __m256d u = _mm256_set1_pd(img[iy * W + ix + 1]);
+                    b0 = _mm256_add_pd(b0, _mm256_mul_pd(u, w0));
+                    b1 = _mm256_add_pd(b1, _mm256_mul_pd(u, w1));
+                    b2 = _mm256_add_pd(b2, _mm256_mul_pd(u, w2));
+                    b3 = _mm256_add_pd(b3, _mm256_mul_pd(u, w3));
+                }
+            }
+        }
+        double *dst = out + ((size_t)y * W + x) * cout + o;
+        _mm256_storeu_pd(dst, a0);
+        _mm256_storeu_pd(dst + 4, a1);
+        _mm256_storeu_pd(dst + 8, a2);
+        _mm256_storeu_pd(dst + 12, a3);
+        if (two) {
+            _mm256_storeu_pd(dst + cout, b0);
+            _mm256_storeu_pd(dst + cout + 4, b1);
+            _mm256_storeu_pd(dst + cout + 8, b2);
+            _mm256_storeu_pd(dst + cout + 12, b3);
+        }
+    }
+}
+
 TARGET_AVX2 static void stem_avx2(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
     const int pad = kk / 2;
     for (int y = 0; y < H; y++)
-        for (int x = 0; x < W; x++) {
-            double *dst = out + ((size_t)y * W + x) * cout;
-            for (int o = 0; o < cout; o += 16) {
-                __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-                for (int ky = 0; ky < kk; ky++) {
-                    const int iy = y + ky - pad;
-                    if (iy < 0 || iy >= H) continue;
-                    for (int kx = 0; kx < kk; kx++) {
-                        const int ix = x + kx - pad;
-                        if (ix < 0 || ix >= W) continue;
-                        const __m256d v = _mm256_set1_pd(img[iy * W + ix]);
-                        const double *wr = wt + (size_t)(ky * kk + kx) * cout + o;
-                        a0 = _mm256_add_pd(a0, _mm256_mul_pd(v, _mm256_loadu_pd(wr)));
-                        a1 = _mm256_add_pd(a1, _mm256_mul_pd(v, _mm256_loadu_pd(wr + 4)));
-                        a2 = _mm256_add_pd(a2, _mm256_mul_pd(v, _mm256_loadu_pd(wr + 8)));
-                        a3 = _mm256_add_pd(a3, _mm256_mul_pd(v, _mm256_loadu_pd(wr + 12)));
-                    }
-                }
-                _mm256_storeu_pd(dst + o, a0);
-                _mm256_storeu_pd(dst + o + 4, a1);
-                _mm256_storeu_pd(dst + o + 8, a2);
-                _mm256_storeu_pd(dst + o + 12, a3);
+        for (int x = 0; x < W;) {
+            if (x >= pad && x + 1 + pad < W) {
+                stem_pixels_avx2(img, H, W, kk, wt, cout, y, x, 1, out);
+                x += 2;
+            } else {
+                stem_pixels_avx2(img, H, W, kk, wt, cout, y, x, 0, out);
+                x += 1;
             }
         }
 }

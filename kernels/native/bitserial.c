@@ -93,18 +93,30 @@ static inline size_t plane_stride(int H, int W) { return (size_t)(H + 2) * (W + 
 #include "avx512.h"
 #endif
 
-AI void run_core(int path, const uint64_t *tile, const uint64_t *w, int bits, int cout, int rw, int64_t *dot) {
+AI void run_core(int path, const uint64_t *tile, const uint64_t *w, const uint64_t *wn, int bits, int cout, int rw,
+              int64_t *dot) {
 #ifdef APQ_X86
     if (path == PATH_AVX512) {
         core_avx512(tile, w, bits, cout, rw, dot);
         return;
     }
     if (path == PATH_AVX2) {
-        core_avx2(tile, w, bits, cout, rw, dot);
+        core_avx2(tile, w, wn, bits, cout, rw, dot);
         return;
     }
 #endif
     core_scalar(tile, w, bits, cout, rw, dot);
+}
+
+/* The AVX2 core's weights: the top k planes of w [8][cout][rw] split into nibbles, out [2][k][cout][rw]:
+ * each byte's low nibble, then its high nibble shifted down (each byte then holds a lookup index). */
+void apq_split_nibbles(const uint64_t *w, int bits, int cout, int rw, uint64_t *out) {
+    const size_t n = (size_t)bits * cout * rw;
+    const uint64_t low = 0x0f0f0f0f0f0f0f0fULL;
+    for (size_t i = 0; i < n; i++) {
+        out[i] = w[i] & low;
+        out[n + i] = (w[i] >> 4) & low;
+    }
 }
 
 /* ---------------------------------------------------------------- requantization by thresholds
@@ -258,7 +270,8 @@ AI void gather(const uint64_t *in, size_t P, int cin, int bits, int rw, const in
 
 /* 3x3 conv, pad 1, stride 1 or 2, on padded planes of an H x W image. tile: bits*rw*TILE words, dot:
  * cout*TILE int64, pixsum: plane_stride(H, W) int64 scratch (each padded pixel's activation sum). */
-AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, const uint64_t *w, int cout, int rw,
+AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, const uint64_t *w, const uint64_t *wn,
+                int cout, int rw,
                 int stride, uint64_t *tile, int64_t *dot, int64_t *pixsum, const epilogue *epi) {
     const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, Wp = W + 2, cw = words_for(cin);
     const int cwo = words_for(cout), n = (1 << bits) - 1;
@@ -299,7 +312,7 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
         else
 #endif
             gather(in, P, cin, bits, rw, g, off, tile);
-        run_core(path, tile, w, bits, cout, rw, dot);
+        run_core(path, tile, w, wn, bits, cout, rw, dot);
 #ifdef APQ_X86
         if (path != PATH_SCALAR && epi->mode == EPI_PACK && bits <= 4) {
             epilogue_pack_avx2(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
@@ -339,6 +352,7 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
 typedef struct {
     int cin, cout, stride, rw1, rw2;
     const uint64_t *w1, *w2;              /* artifact planes [8][cout][rw] */
+    const uint64_t *w1n, *w2n;            /* their top k planes split into nibbles (split_nibbles) */
     const double *xthr;                   /* [cin][n]: bn1 + quantizer on the residual stream */
     const double *xthr_t;                 /* [n][cin]: the same, transposed (SIMD) */
     const int32_t *xsign;                 /* [cin] */
@@ -491,7 +505,7 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
 #endif
                 pack_activations(x, H, W, b->cin, b->xthr, b->xsign, bits, pa);
             epilogue e1 = {EPI_PACK, NULL, b->ithr, b->ithr_t, b->isign, pb, NULL, NULL};
-            conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->cout, b->rw1, s, tile, dot, pixsum, &e1);
+            conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->w1n, b->cout, b->rw1, s, tile, dot, pixsum, &e1);
             if (s != 1 || b->cin != b->cout) {
                 apq_shortcut(x, H, W, b->cin, b->cout, s, xs);
                 double *t = x;
@@ -499,7 +513,7 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
                 xs = t;
             }
             epilogue e2 = {EPI_RESIDUAL, NULL, NULL, NULL, NULL, NULL, b->alpha2, x};
-            conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->cout, b->rw2, 1, tile, dot, pixsum, &e2);
+            conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->w2n, b->cout, b->rw2, 1, tile, dot, pixsum, &e2);
             H = Ho;
             W = Wo;
             C = b->cout;
@@ -553,10 +567,12 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
     const int cw = words_for(cin), Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
     const size_t P = plane_stride(H, W);
     uint64_t *planes = calloc(P * bits * cw, sizeof(uint64_t));
+    uint64_t *wn = malloc(sizeof(uint64_t) * 2 * (size_t)bits * cout * rw);
     uint64_t *tile = malloc(sizeof(uint64_t) * (size_t)bits * rw * TILE);
     int64_t *dot = malloc(sizeof(int64_t) * (size_t)cout * TILE);
     int64_t *pixsum = malloc(sizeof(int64_t) * P);
-    int status = (planes && tile && dot && pixsum) ? 0 : -2;
+    int status = (planes && wn && tile && dot && pixsum) ? 0 : -2;
+    if (!status) apq_split_nibbles(w, bits, cout, rw, wn);
     for (int b = 0; b < batch && !status; b++) {
         memset(planes, 0, sizeof(uint64_t) * P * bits * cw);
         for (int i = 0; i < H * W; i++)
@@ -564,9 +580,10 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
                 put_code(planes + (size_t)(i / W + 1) * (W + 2) + i % W + 1, P, bits, cw, c,
                          codes[((size_t)b * H * W + i) * cin + c]);
         epilogue e = {EPI_INT, out + (size_t)b * Ho * Wo * cout, NULL, NULL, NULL, NULL, NULL, NULL};
-        conv3x3(path, planes, H, W, cin, bits, w, cout, rw, stride, tile, dot, pixsum, &e);
+        conv3x3(path, planes, H, W, cin, bits, w, wn, cout, rw, stride, tile, dot, pixsum, &e);
     }
     free(planes);
+    free(wn);
     free(tile);
     free(dot);
     free(pixsum);

@@ -1,0 +1,413 @@
+/* Integer kernels: the network of bitserial.c with each quantized conv computed as dot products of
+ * activation codes and weight levels into int32, at one of two widths.
+ *
+ * At k bits (N = 2^k, n = N - 1) with weight codes c and activation codes a the conv's integer is
+ *     I = sum(a (2c + 1 - N))
+ * -- the integer the bit-serial kernels build from popcounts. |I| <= 9 cin n n < 2^31 for cin <= 3000,
+ * so int32 results are exact.
+ *
+ * - width 16 (any k): int16 codes x int16 levels, AVX2 vpmaddwd: each int16 pair is multiplied and
+ *   summed into an int32 lane, so nothing saturates even at 8 bits.
+ * - width 8 (k <= 7): uint8 codes x int8 levels, AVX2 vpmaddubsw: twice the multiply-adds per
+ *   instruction, but its pair sums are int16 and saturate above 32767. A pair is at most 2 n n
+ *   (<= 32258 at k = 7), so a pair never saturates; the pairs are summed in int16 lanes for at most
+ *   32767 / (2 n n) steps (a whole 3x3x128 window at k <= 3, 72 steps at k = 4, one at k = 7) and then
+ *   widened into int32 with vpmaddwd by ones. Every partial sum is therefore exact.
+ *
+ * The requantizer (bn, clip, round) is the float64 expression itself, per value and in the reference's
+ * order: at up to 255 levels it is cheaper than a threshold search. The bit-serial kernels count thresholds
+ * found by bisection on this very expression, so both give the same codes and the same logits (tested).
+ * Between layers activations are codes (int16 or uint8 by width), NHWC over a zero-padded image.
+ *
+ * Dispatch AVX2 -> portable C per call; the C code is the scalar reference the AVX2 code is tested
+ * against, bit for bit (integer convs exactly, the float parts by doing the same operations in order).
+ */
+#include "common.h"
+
+#define ROWS 6  /* output pixels per AVX2 micro-tile */
+#define COLS 16 /* output channels per micro-tile: two ymm of int32 */
+
+typedef struct {
+    int cin, cout, stride;
+    const void *w1, *w2;           /* levels 2c + 1 - N, packed [cout / COLS][9 cin / G][COLS][G]: int16 with
+                                      G = 2 (width 16), int8 with G = 4 (width 8) */
+    batchnorm bn1, bn2;            /* [cin] before conv1, [cout] before conv2 */
+    const double *alpha1, *alpha2; /* [cout]: weight scale / (N n) */
+} apq_block_int;
+
+typedef struct {
+    int bits, height, width, nblocks;
+    int stem_cout, stem_kernel;    /* the stem has one input channel */
+    const double *stem_w;          /* [kernel*kernel][stem_cout] */
+    const apq_block_int *blocks;
+    int head_in, head_out;
+    batchnorm head_bn;             /* [head_in] */
+    const double *fc_w, *fc_b;     /* [head_out][head_in], [head_out] */
+} apq_net_int;
+
+/* Input channels per weight group (and per activation broadcast) at a width. */
+static inline int group_of(int width) { return width == 8 ? 4 : 2; }
+
+/* Steps of int16 pair sums a width-8 lane can take before it must be widened (see the top). */
+static inline int chunk_of(int bits) {
+    const int n = (1 << bits) - 1;
+    return 32767 / (2 * n * n);
+}
+
+/* Activations: codes [(H + 2) (W + 2)][c] over an image padded by one zero pixel on every side. The
+ * window of output pixel p (stride s) starts at padded index s (oy (W + 2) + ox), tap k at + off[k]. */
+static inline size_t padded_pixels(int H, int W) { return (size_t)(H + 2) * (W + 2); }
+
+static inline int origin(int p, int Wo, int Wp, int stride) { return stride * ((p / Wo) * Wp + p % Wo); }
+
+static inline int32_t load32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* ---------------------------------------------------------------- the conv: out[p][o] = I */
+
+static void conv_scalar(int width, const void *in, int W, int cin, int stride, int Ho, int Wo, const void *w, int cout,
+                        int32_t *out) {
+    const int Wp = W + 2, G = group_of(width), groups = 9 * cin / G;
+    for (int p = 0; p < Ho * Wo; p++) {
+        const int g = origin(p, Wo, Wp, stride);
+        for (int o = 0; o < cout; o++) {
+            const size_t wo = (size_t)(o / COLS) * groups * COLS * G + (o % COLS) * G;
+            int32_t acc = 0;
+            for (int k = 0; k < 9; k++) {
+                const size_t a = (size_t)(g + (k / 3) * Wp + k % 3) * cin;
+                for (int ch = 0; ch < cin; ch++) {
+                    const int r = k * cin + ch;
+                    const size_t wi = wo + (size_t)(r / G) * COLS * G + r % G;
+                    acc += width == 8 ? ((const uint8_t *)in)[a + ch] * ((const int8_t *)w)[wi]
+                                      : ((const int16_t *)in)[a + ch] * ((const int16_t *)w)[wi];
+                }
+            }
+            out[(size_t)p * cout + o] = acc;
+        }
+    }
+}
+
+#ifdef APQ_X86
+/* ROWS pixels x COLS channels of accumulators (12 ymm) stay in registers over the whole window; per
+ * channel group: 2 weight loads, ROWS broadcasts of a group of activations, 2 ROWS multiply-adds. Channel
+ * blocks are the outer loop so one block's weights stay in L1 across the pixels. a[r]: the window origins
+ * of the tile's pixels (a short last tile repeats its last pixel, stored once). */
+#define TILE_POINTERS(T)                                                                         \
+    const T *a[ROWS];                                                                            \
+    for (int r = 0; r < ROWS; r++)                                                               \
+        a[r] = in + (size_t)origin(p0 + r < npix ? p0 + r : npix - 1, Wo, Wp, stride) * cin;
+
+#define STORE_TILE(c)                                                                            \
+    for (int r = 0; r < ROWS && p0 + r < npix; r++) {                                            \
+        int32_t *dst = out + (size_t)(p0 + r) * cout + ob * COLS;                                \
+        _mm256_storeu_si256((__m256i *)dst, c[r][0]);                                            \
+        _mm256_storeu_si256((__m256i *)(dst + 8), c[r][1]);                                      \
+    }
+
+/* Width 16: int32 accumulators, vpmaddwd per activation pair. Requires cout % COLS == 0, even cin. */
+TARGET_AVX2 static void conv16_avx2(const int16_t *in, int W, int cin, int stride, int Ho, int Wo, const int16_t *w,
+                                    int cout, int32_t *out) {
+    const int Wp = W + 2, half = cin / 2, npix = Ho * Wo;
+    int off[9];
+    for (int k = 0; k < 9; k++) off[k] = ((k / 3) * Wp + k % 3) * cin;
+    for (int ob = 0; ob < cout / COLS; ob++) {
+        const __m256i *wb = (const __m256i *)(w + (size_t)ob * 9 * half * COLS * 2);
+        for (int p0 = 0; p0 < npix; p0 += ROWS) {
+            TILE_POINTERS(int16_t)
+            __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+            __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+            for (int k = 0; k < 9; k++) {
+                const int16_t *a0 = a[0] + off[k], *a1 = a[1] + off[k], *a2 = a[2] + off[k];
+                const int16_t *a3 = a[3] + off[k], *a4 = a[4] + off[k], *a5 = a[5] + off[k];
+                const __m256i *wk = wb + (size_t)k * half * 2;
+                for (int j = 0; j < half; j++) {
+                    const __m256i w0 = _mm256_loadu_si256(wk + 2 * j), w1 = _mm256_loadu_si256(wk + 2 * j + 1);
+                    __m256i b;
+#define STEP(r)                                                    \
+    b = _mm256_set1_epi32(load32(a##r + 2 * j));                   \
+    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(b, w0)); \
+    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(b, w1));
+                    STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5)
+#undef STEP
+                }
+            }
+            const __m256i c[ROWS][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+            STORE_TILE(c)
+        }
+    }
+}
+
+/* Width 8: int16 accumulators, vpmaddubsw per activation quad, widened into int32 every `chunk` quads
+ * (chunk_of(bits)). Requires cout % COLS == 0, cin % 4 == 0. */
+TARGET_AVX2 static void conv8_avx2(const uint8_t *in, int W, int cin, int stride, int Ho, int Wo, const int8_t *w,
+                                   int cout, int chunk, int32_t *out) {
+    const int Wp = W + 2, quads = cin / 4, npix = Ho * Wo;
+    const __m256i ones = _mm256_set1_epi16(1);
+    int off[9];
+    for (int k = 0; k < 9; k++) off[k] = ((k / 3) * Wp + k % 3) * cin;
+    for (int ob = 0; ob < cout / COLS; ob++) {
+        const __m256i *wb = (const __m256i *)(w + (size_t)ob * 9 * quads * COLS * 4);
+        for (int p0 = 0; p0 < npix; p0 += ROWS) {
+            TILE_POINTERS(uint8_t)
+            __m256i c[ROWS][2];
+            for (int r = 0; r < ROWS; r++) c[r][0] = c[r][1] = _mm256_setzero_si256();
+            __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00;
+            __m256i s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;
+#define WIDEN(r)                                                               \
+    c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(s##r##0, ones));     \
+    c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(s##r##1, ones));     \
+    s##r##0 = s##r##1 = _mm256_setzero_si256();
+            int left = chunk;
+            for (int k = 0; k < 9; k++) {
+                const uint8_t *a0 = a[0] + off[k], *a1 = a[1] + off[k], *a2 = a[2] + off[k];
+                const uint8_t *a3 = a[3] + off[k], *a4 = a[4] + off[k], *a5 = a[5] + off[k];
+                const __m256i *wk = wb + (size_t)k * quads * 2;
+                for (int j = 0; j < quads;) {
+                    const int j1 = quads - j < left ? quads : j + left;
+                    left -= j1 - j;
+                    for (; j < j1; j++) {
+                        const __m256i w0 = _mm256_loadu_si256(wk + 2 * j), w1 = _mm256_loadu_si256(wk + 2 * j + 1);
+                        __m256i b;
+#define STEP(r)                                                       \
+    b = _mm256_set1_epi32(load32(a##r + 4 * j));                      \
+    s##r##0 = _mm256_add_epi16(s##r##0, _mm256_maddubs_epi16(b, w0)); \
+    s##r##1 = _mm256_add_epi16(s##r##1, _mm256_maddubs_epi16(b, w1));
+                        STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5)
+#undef STEP
+                    }
+                    if (left == 0) {
+                        WIDEN(0) WIDEN(1) WIDEN(2) WIDEN(3) WIDEN(4) WIDEN(5)
+                        left = chunk;
+                    }
+                }
+            }
+            WIDEN(0) WIDEN(1) WIDEN(2) WIDEN(3) WIDEN(4) WIDEN(5)
+#undef WIDEN
+            STORE_TILE(c)
+        }
+    }
+}
+#undef TILE_POINTERS
+#undef STORE_TILE
+#endif
+
+static void conv(int path, int width, int bits, const void *in, int W, int cin, int stride, int Ho, int Wo,
+                 const void *w, int cout, int32_t *out) {
+#ifdef APQ_X86
+    if (path != PATH_SCALAR && cout % COLS == 0) {
+        if (width == 8)
+            conv8_avx2(in, W, cin, stride, Ho, Wo, w, cout, chunk_of(bits), out);
+        else
+            conv16_avx2(in, W, cin, stride, Ho, Wo, w, cout, out);
+        return;
+    }
+#endif
+    (void)bits;
+    conv_scalar(width, in, W, cin, stride, Ho, Wo, w, cout, out);
+}
+
+/* ---------------------------------------------------------------- requantization and the residual
+ * codes: v[p][c] -> quantize(bn(v)) into the padded image out (interior only; the border stays 0), where
+ * v = x (float64) or, for conv1's output, v = I * alpha[c]. out holds int16 (width 16) or uint8 codes. */
+
+static void codes_scalar(int width, const double *x, const int32_t *ints, const double *alpha, int H, int W, int c,
+                         const batchnorm *bn, int bits, void *out) {
+    const double n = (double)((1 << bits) - 1);
+    for (int p = 0; p < H * W; p++) {
+        const size_t dst = ((size_t)(p / W + 1) * (W + 2) + p % W + 1) * c;
+        for (int ch = 0; ch < c; ch++) {
+            const size_t i = (size_t)p * c + ch;
+            const double v = ints ? (double)ints[i] * alpha[ch] : x[i];
+            const int q = quantize(bn_apply(bn, ch, v), n);
+            if (width == 8)
+                ((uint8_t *)out)[dst + ch] = (uint8_t)q;
+            else
+                ((int16_t *)out)[dst + ch] = (int16_t)q;
+        }
+    }
+}
+
+static void residual_scalar(const int32_t *ints, const double *alpha, int npix, int c, double *x) {
+    for (size_t i = 0; i < (size_t)npix * c; i++) x[i] += (double)ints[i] * alpha[i % c];
+}
+
+#ifdef APQ_X86
+/* Four channels per vector, the scalar operations in the scalar order (no FMA: built -ffp-contract=off).
+ * clip by max/min equals the scalar's compares for every non-NaN value. c % 4 == 0. */
+TARGET_AVX2 static void codes_avx2(int width, const double *x, const int32_t *ints, const double *alpha, int H, int W,
+                                   int c, const batchnorm *bn, int bits, void *out) {
+    const __m256d n = _mm256_set1_pd((double)((1 << bits) - 1)), half = _mm256_set1_pd(0.5);
+    const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
+    for (int p = 0; p < H * W; p++) {
+        const size_t dst = ((size_t)(p / W + 1) * (W + 2) + p % W + 1) * c;
+        for (int ch = 0; ch < c; ch += 4) {
+            const size_t i = (size_t)p * c + ch;
+            const __m256d v = ints ? _mm256_mul_pd(_mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(ints + i))),
+                                                   _mm256_loadu_pd(alpha + ch))
+                                   : _mm256_loadu_pd(x + i);
+            __m256d z = _mm256_div_pd(_mm256_sub_pd(v, _mm256_loadu_pd(bn->mean + ch)), _mm256_loadu_pd(bn->denom + ch));
+            z = _mm256_add_pd(_mm256_mul_pd(z, _mm256_loadu_pd(bn->gamma + ch)), _mm256_loadu_pd(bn->beta + ch));
+            z = _mm256_min_pd(_mm256_max_pd(z, zero), one);
+            const __m128i q = _mm256_cvttpd_epi32(_mm256_floor_pd(_mm256_add_pd(_mm256_mul_pd(z, n), half)));
+            const __m128i q16 = _mm_packs_epi32(q, q);
+            if (width == 8) {
+                const int32_t q8 = _mm_cvtsi128_si32(_mm_packus_epi16(q16, q16));
+                memcpy((uint8_t *)out + dst + ch, &q8, sizeof q8);
+            } else {
+                _mm_storel_epi64((__m128i *)((int16_t *)out + dst + ch), q16);
+            }
+        }
+    }
+}
+
+TARGET_AVX2 static void residual_avx2(const int32_t *ints, const double *alpha, int npix, int c, double *x) {
+    for (int p = 0; p < npix; p++)
+        for (int ch = 0; ch < c; ch += 4) {
+            const size_t i = (size_t)p * c + ch;
+            const __m256d d = _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(ints + i)));
+            _mm256_storeu_pd(x + i, _mm256_add_pd(_mm256_loadu_pd(x + i), _mm256_mul_pd(d, _mm256_loadu_pd(alpha + ch))));
+        }
+}
+#endif
+
+static void codes(int path, int width, const double *x, const int32_t *ints, const double *alpha, int H, int W, int c,
+                  const batchnorm *bn, int bits, void *out) {
+#ifdef APQ_X86
+    if (path != PATH_SCALAR && c % 4 == 0) {
+        codes_avx2(width, x, ints, alpha, H, W, c, bn, bits, out);
+        return;
+    }
+#endif
+    codes_scalar(width, x, ints, alpha, H, W, c, bn, bits, out);
+}
+
+static void residual(int path, const int32_t *ints, const double *alpha, int npix, int c, double *x) {
+#ifdef APQ_X86
+    if (path != PATH_SCALAR && c % 4 == 0) {
+        residual_avx2(ints, alpha, npix, c, x);
+        return;
+    }
+#endif
+    residual_scalar(ints, alpha, npix, c, x);
+}
+
+/* ---------------------------------------------------------------- the network */
+
+typedef struct {
+    const apq_net_int *net;
+    const double *images;
+    float *logits;
+    int path, width;
+} job_int;
+
+static int forward_range(const void *ctx, int b0, int b1) {
+    const job_int *jb = ctx;
+    const apq_net_int *net = jb->net;
+    const int H0 = net->height, W0 = net->width, path = jb->path, width = jb->width, bits = net->bits;
+    const size_t elem = width / 8; /* bytes per activation code */
+    int cmax = net->stem_cout, status = 0;
+    for (int i = 0; i < net->nblocks; i++)
+        if (net->blocks[i].cout > cmax) cmax = net->blocks[i].cout;
+    const size_t npix = (size_t)H0 * W0, padded = padded_pixels(H0, W0) * cmax;
+    double *x = malloc(sizeof(double) * npix * cmax), *xs = malloc(sizeof(double) * npix * cmax);
+    void *pa = malloc(elem * padded), *pb = malloc(elem * padded);
+    int32_t *acc = malloc(sizeof(int32_t) * npix * cmax);
+    if (!x || !xs || !pa || !pb || !acc) {
+        status = -2;
+        goto done;
+    }
+    for (int img = b0; img < b1; img++) {
+        int H = H0, W = W0, C = net->stem_cout;
+        apq_stem(path, jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
+        for (int i = 0; i < net->nblocks; i++) {
+            const apq_block_int *b = net->blocks + i;
+            const int s = b->stride, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+            memset(pa, 0, elem * padded_pixels(H, W) * b->cin);
+            codes(path, width, x, NULL, NULL, H, W, b->cin, &b->bn1, bits, pa);
+            conv(path, width, bits, pa, W, b->cin, s, Ho, Wo, b->w1, b->cout, acc);
+            memset(pb, 0, elem * padded_pixels(Ho, Wo) * b->cout);
+            codes(path, width, NULL, acc, b->alpha1, Ho, Wo, b->cout, &b->bn2, bits, pb);
+            if (s != 1 || b->cin != b->cout) {
+                apq_shortcut(x, H, W, b->cin, b->cout, s, xs);
+                double *t = x;
+                x = xs;
+                xs = t;
+            }
+            conv(path, width, bits, pb, Wo, b->cout, 1, Ho, Wo, b->w2, b->cout, acc);
+            residual(path, acc, b->alpha2, Ho * Wo, b->cout, x);
+            H = Ho;
+            W = Wo;
+            C = b->cout;
+        }
+        apq_head(x, H * W, C, &net->head_bn, net->head_in, net->head_out, net->fc_w, net->fc_b,
+                 jb->logits + (size_t)img * net->head_out);
+    }
+done:
+    free(x);
+    free(xs);
+    free(pa);
+    free(pb);
+    free(acc);
+    return status;
+}
+
+/* What a width needs of a conv: cin a multiple of its group, cout of COLS; width 8 also k <= 7. */
+static int valid_conv(int width, int bits, int cin, int cout) {
+    if (width != 8 && width != 16) return 0;
+    if (bits < 1 || bits > (width == 8 ? 7 : 8)) return 0;
+    return cin > 0 && cin % group_of(width) == 0 && cout > 0 && cout % COLS == 0 && cin <= 3000 && cout <= 3000;
+}
+
+static int valid_net(const apq_net_int *net, int width) {
+    if (net->head_in > 1024) return 0;
+    for (int i = 0; i < net->nblocks; i++) {
+        const apq_block_int *b = net->blocks + i;
+        if (!valid_conv(width, net->bits, b->cin, b->cout) || !valid_conv(width, net->bits, b->cout, b->cout)) return 0;
+    }
+    return 1;
+}
+
+/* logits [B][head_out] (float32) for images [B][height][width] (float64, pixels / 255), split across up to
+ * `threads` threads, with every conv at `width` (8 or 16). Returns 0, -1 (path not supported by this CPU),
+ * -2 (out of memory), -3 (bad arguments: besides the counts, every conv's cin must be a multiple of 2
+ * (width 16) or 4 (width 8), its cout of 16, and width 8 serves k <= 7). */
+int apq_forward_int(const apq_net_int *net, const double *images, int batch, float *logits, int threads, int path,
+                    int width) {
+    path = apq_resolve_path(path);
+    if (path < 0) return -1;
+    if (path == PATH_AVX512) path = PATH_AVX2; /* no AVX-512 code here: AVX2 runs on those CPUs */
+    if (batch < 0 || threads < 1 || !valid_net(net, width)) return -3;
+    const job_int jb = {net, images, logits, path, width};
+    return apq_parallel(forward_range, &jb, batch, threads);
+}
+
+/* Test entry: I for k-bit codes [B][H][W][cin] (uint8, zero point 0) and levels packed for `width`,
+ * out [B][Ho][Wo][cout]. */
+int apq_conv_int(const uint8_t *codes_in, int batch, int H, int W, int cin, const void *w, int cout, int stride,
+                 int bits, int width, int32_t *out, int path) {
+    path = apq_resolve_path(path);
+    if (path < 0) return -1;
+    if (!valid_conv(width, bits, cin, cout)) return -3;
+    const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+    const size_t elem = width / 8;
+    uint8_t *padded = calloc(padded_pixels(H, W) * cin, elem);
+    if (!padded) return -2;
+    for (int b = 0; b < batch; b++) {
+        for (int p = 0; p < H * W; p++) {
+            const uint8_t *src = codes_in + ((size_t)b * H * W + p) * cin;
+            const size_t dst = ((size_t)(p / W + 1) * (W + 2) + p % W + 1) * cin;
+            for (int ch = 0; ch < cin; ch++) {
+                if (width == 8)
+                    padded[dst + ch] = src[ch];
+                else
+                    ((int16_t *)padded)[dst + ch] = src[ch];
+            }
+        }
+        conv(path, width, bits, padded, W, cin, stride, Ho, Wo, w, cout, out + (size_t)b * Ho * Wo * cout);
+    }
+    free(padded);
+    return 0;
+}
