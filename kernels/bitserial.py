@@ -59,13 +59,6 @@ def _library() -> ctypes.CDLL:
         + [ctypes.c_void_p, ctypes.c_int]
     )
     lib.apq_conv_codes.restype = ctypes.c_int
-    bn = _P(clib.BatchNorm)
-    lib.apq_int_thresholds.argtypes = [
-        bn, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
-    ]  # fmt: skip
-    lib.apq_int_thresholds.restype = None
-    lib.apq_float_thresholds.argtypes = [bn, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    lib.apq_float_thresholds.restype = None
     lib.apq_split_nibbles.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.apq_split_nibbles.restype = None
     return lib
@@ -128,24 +121,18 @@ class BitSerialNet:
         keep: list[np.ndarray] = []  # every array the C structs point into
         parts = clib.FloatParts(artifact, bits, keep)
         t = artifact.tensors
-        lib, n = _library(), (1 << bits) - 1
+        n = (1 << bits) - 1
         cblocks = (_Block * len(parts.blocks))()
         for i, layer in enumerate(parts.blocks):
             name, cin, cout = layer["name"], layer["in"], layer["out"]
             w1, w2 = _words(t[f"{name}.conv1.planes"]), _words(t[f"{name}.conv2.planes"])
             w1n, w2n = _nibbles(w1, bits), _nibbles(w2, bits)
             # bn1 + quantizer on the float residual stream, as thresholds on float64 values
-            xthr, xsign = np.empty((cin, n), np.float64), np.empty(cin, np.int32)
-            bn1 = clib.batchnorm(artifact, f"{name}.bn1", bits, keep)
-            lib.apq_float_thresholds(ctypes.byref(bn1), cin, bits, xthr.ctypes.data, xsign.ctypes.data)
+            xthr, xsign = clib.float_thresholds(clib.batchnorm(artifact, f"{name}.bn1", bits, keep), cin, bits)
             # conv1's integer outputs I -> y = I * scale / (N n) -> bn2 + quantizer, as integer thresholds
             alpha1 = clib.alpha(artifact, f"{name}.conv1", bits)
-            ithr, isign = np.empty((cout, n), np.int64), np.empty(cout, np.int32)
             bn2 = clib.batchnorm(artifact, f"{name}.bn2", bits, keep)
-            imax = 9 * cin * n * n
-            lib.apq_int_thresholds(
-                ctypes.byref(bn2), alpha1.ctypes.data, cout, bits, imax, ithr.ctypes.data, isign.ctypes.data
-            )
+            ithr, isign = clib.int_thresholds(bn2, alpha1, cout, bits, 9 * cin * n * n)
             alpha2 = clib.alpha(artifact, f"{name}.conv2", bits)
             xthr_t, ithr_t = np.ascontiguousarray(xthr.T), np.ascontiguousarray(ithr.T)  # SIMD layouts
             keep += [w1, w2, w1n, w2n, xthr, xthr_t, xsign, ithr, ithr_t, isign, alpha1, alpha2]

@@ -47,6 +47,11 @@ def library() -> ctypes.CDLL:
         lib.apq_cpu_supports.restype = ctypes.c_int
         lib.apq_best_path.argtypes = []
         lib.apq_best_path.restype = ctypes.c_int
+        bn, vp, i = P(BatchNorm), ctypes.c_void_p, ctypes.c_int
+        lib.apq_int_thresholds.argtypes = [bn, vp, i, i, ctypes.c_int64, vp, vp]
+        lib.apq_int_thresholds.restype = None
+        lib.apq_float_thresholds.argtypes = [bn, i, i, vp, vp]
+        lib.apq_float_thresholds.restype = None
         _lib = lib
     return _lib
 
@@ -95,6 +100,28 @@ def alpha(artifact: Artifact, conv: str, bits: int) -> np.ndarray:
     """float64 [cout]: the factor from a conv's integer I to its value, weight scale / (N n)."""
     n = (1 << bits) - 1
     return artifact.tensors[f"{conv}.scales"][bits - 1].astype(np.float64) / float((n + 1) * n)
+
+
+def float_thresholds(bn: BatchNorm, channels: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNorm + quantizer on float64 values v as thresholds: code(v) = #{j : sign v >= thr[j]}, as
+    (thr float64 [channels, n], sign int32 [channels]), found by bisection on the reference's expression."""
+    n = (1 << bits) - 1
+    thr, sign = np.empty((channels, n), np.float64), np.empty(channels, np.int32)
+    library().apq_float_thresholds(ctypes.byref(bn), channels, bits, thr.ctypes.data, sign.ctypes.data)
+    return thr, sign
+
+
+def int_thresholds(
+    bn: BatchNorm, alpha: np.ndarray, channels: int, bits: int, imax: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same for a conv's integer outputs I in [-imax, imax], v = I * alpha: (thr int64 [channels, n],
+    sign int32 [channels])."""
+    n = (1 << bits) - 1
+    thr, sign = np.empty((channels, n), np.int64), np.empty(channels, np.int32)
+    library().apq_int_thresholds(
+        ctypes.byref(bn), alpha.ctypes.data, channels, bits, imax, thr.ctypes.data, sign.ctypes.data
+    )
+    return thr, sign
 
 
 def net_struct(block: type[ctypes.Structure]) -> type[ctypes.Structure]:

@@ -4,8 +4,9 @@ AVX2 vpmaddubsw with int16 partial sums widened before they can overflow, bits <
 
 Each conv's weights are its k-bit levels 2c + 1 - 2^k, packed once per bits for the AVX2 core
 (``pack_levels``): about 1.4 MB (width 16) or 0.7 MB (width 8) per bits for the bundled model, beside the
-artifact's planes. The requantizer between layers is the reference's float64 expression, so the codes,
-and the logits, are the bit-serial kernels' (tests/test_kernels_integer.py).
+artifact's planes. The requantizer between layers is the reference's float64 expression (or, up to 3 bits,
+a count of thresholds found on it), so the codes, and the logits, are the bit-serial kernels'
+(tests/test_kernels_integer.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ _CTYPE = {8: ctypes.c_int8, 16: ctypes.c_int16}
 _P = clib.P
 
 
+# Up to this many bits the AVX2 requantizers count thresholds (at most 7 compares per value) instead of
+# computing the float64 expression with its division.
+THRESHOLD_MAX_BITS = 3
+
+
 def max_bits(width: int) -> int:
     """The most bits a width serves: int8 levels reach +-127 (7 bits)."""
     return 7 if width == 8 else 8
@@ -43,6 +49,10 @@ class _Block(ctypes.Structure):
         ("bn2", clib.BatchNorm),
         ("alpha1", _P(ctypes.c_double)),
         ("alpha2", _P(ctypes.c_double)),
+        ("xthr_t", _P(ctypes.c_double)),
+        ("xsign", _P(ctypes.c_int32)),
+        ("ithr_t", _P(ctypes.c_int32)),
+        ("isign", _P(ctypes.c_int32)),
     ]
 
 
@@ -107,6 +117,21 @@ def conv_levels(codes: np.ndarray, packed: np.ndarray, bits: int, stride: int, p
     return out
 
 
+def _set_thresholds(
+    block: _Block, bn1: clib.BatchNorm, bn2: clib.BatchNorm, alpha1: np.ndarray, bits: int, keep: list[np.ndarray]
+) -> None:
+    """Point ``block`` at its requantizers as thresholds, in the SIMD layout [n, channels]."""
+    n = (1 << bits) - 1
+    xthr, xsign = clib.float_thresholds(bn1, block.cin, bits)
+    ithr, isign = clib.int_thresholds(bn2, alpha1, block.cout, bits, 9 * block.cin * n * n)
+    # code = #{j : sign I >= thr_j} = #{j : sign I > thr_j - 1}; every threshold lies in [-imax, imax + 1]
+    ithr_t = np.ascontiguousarray(ithr.T - 1).astype(np.int32)
+    xthr_t = np.ascontiguousarray(xthr.T)
+    keep += [xthr_t, xsign, ithr_t, isign]
+    block.xthr_t, block.xsign = clib.ptr(xthr_t, ctypes.c_double), clib.ptr(xsign, ctypes.c_int32)
+    block.ithr_t, block.isign = clib.ptr(ithr_t, ctypes.c_int32), clib.ptr(isign, ctypes.c_int32)
+
+
 class IntegerNet:
     """The whole network at ``bits`` on the integer kernels of ``width`` (8 or 16): ``run(images float64
     [B, 28, 28]) -> logits``. ``path``: avx2 or scalar (auto: the best this CPU has; AVX-512 CPUs run the
@@ -128,12 +153,15 @@ class IntegerNet:
             w1 = pack_levels(t[f"{name}.conv1.planes"], bits, 9 * cin, width)
             w2 = pack_levels(t[f"{name}.conv2.planes"], bits, 9 * cout, width)
             alpha1, alpha2 = clib.alpha(artifact, f"{name}.conv1", bits), clib.alpha(artifact, f"{name}.conv2", bits)
+            bn1 = clib.batchnorm(artifact, f"{name}.bn1", bits, keep)
+            bn2 = clib.batchnorm(artifact, f"{name}.bn2", bits, keep)
             keep += [w1, w2, alpha1, alpha2]
             cblocks[i] = _Block(
-                cin, cout, layer["stride"], w1.ctypes.data, w2.ctypes.data,
-                clib.batchnorm(artifact, f"{name}.bn1", bits, keep), clib.batchnorm(artifact, f"{name}.bn2", bits, keep),
+                cin, cout, layer["stride"], w1.ctypes.data, w2.ctypes.data, bn1, bn2,
                 clib.ptr(alpha1, ctypes.c_double), clib.ptr(alpha2, ctypes.c_double),
             )  # fmt: skip
+            if bits <= THRESHOLD_MAX_BITS:
+                _set_thresholds(cblocks[i], bn1, bn2, alpha1, bits, keep)
         self._net = parts.net(_Net, cblocks)
         self._blocks = cblocks
         self._keep = keep

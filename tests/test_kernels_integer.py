@@ -60,7 +60,7 @@ def test_extreme_codes_do_not_overflow(path, bits, width):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize(("bits", "width"), [(3, 16), (5, 16), (8, 16), (1, 8), (2, 8), (4, 8), (6, 8)])
+@pytest.mark.parametrize(("bits", "width"), [(3, 16), (5, 16), (8, 16), (1, 8), (2, 8), (3, 8), (4, 8), (6, 8)])
 def test_logits_equal_the_bit_serial_kernels(bundled, test_split, bits, width):
     x = to_input(test_split.images[:12][:, None], np.float64)[..., 0]
     want = bitserial.BitSerialNet(bundled, bits, "avx2" if "avx2" in PATHS else "scalar").run(x)

@@ -15,9 +15,10 @@
  *   widened into int32 with vpmaddwd by ones. Every partial sum is therefore exact.
  *
  * The requantizer (bn, clip, round) is the float64 expression itself, per value and in the reference's
- * order: at up to 255 levels it is cheaper than a threshold search. The bit-serial kernels count thresholds
- * found by bisection on this very expression, so both give the same codes and the same logits (tested).
- * Between layers activations are codes (int16 or uint8 by width), NHWC over a zero-padded image.
+ * order. At k <= 3 the AVX2 code counts thresholds instead (the bit-serial kernels' way: found by
+ * bisection on this very expression, at most 7 compares per value, no division), so every path gives the
+ * same codes and the same logits (tested). Between layers activations are codes (int16 or uint8 by
+ * width), NHWC over a zero-padded image.
  *
  * Dispatch AVX2 -> portable C per call; the C code is the scalar reference the AVX2 code is tested
  * against, bit for bit (integer convs exactly, the float parts by doing the same operations in order).
@@ -33,6 +34,11 @@ typedef struct {
                                       G = 2 (width 16), int8 with G = 4 (width 8) */
     batchnorm bn1, bn2;            /* [cin] before conv1, [cout] before conv2 */
     const double *alpha1, *alpha2; /* [cout]: weight scale / (N n) */
+    /* The requantizers as thresholds (NULL: compute the expression), SIMD layout [n][channels]:
+     * bn1 on the residual stream, code = #{j : xsign x >= xthr_t[j]}; bn2 on conv1's output,
+     * code = #{j : isign I > ithr_t[j]} (the integer thresholds minus one). */
+    const double *xthr_t;
+    const int32_t *xsign, *ithr_t, *isign;
 } apq_block_int;
 
 typedef struct {
@@ -294,6 +300,84 @@ static void residual(int path, const int32_t *ints, const double *alpha, int npi
     residual_scalar(ints, alpha, npix, c, x);
 }
 
+#ifdef APQ_X86
+/* Eight codes (int32 lanes) -> the padded image at dst: int16 or uint8 by width. */
+TARGET_AVX2 AI void store_codes8(int width, __m256i q, void *out, size_t dst) {
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    if (width == 8)
+        _mm_storel_epi64((__m128i *)((uint8_t *)out + dst), _mm_packus_epi16(q16, q16));
+    else
+        _mm_storeu_si128((__m128i *)((int16_t *)out + dst), q16);
+}
+
+/* codes by thresholds, conv1's integer outputs: 8 channels per vector, c % 8 == 0. */
+TARGET_AVX2 static void codes_ints_thr_avx2(int width, const int32_t *ints, int H, int W, int c, const int32_t *thr_t,
+                                            const int32_t *sign, int bits, void *out) {
+    const int n = (1 << bits) - 1;
+    for (int p = 0; p < H * W; p++) {
+        const size_t dst = ((size_t)(p / W + 1) * (W + 2) + p % W + 1) * c;
+        for (int ch = 0; ch < c; ch += 8) {
+            const __m256i v = _mm256_sign_epi32(_mm256_loadu_si256((const __m256i *)(ints + (size_t)p * c + ch)),
+                                                _mm256_loadu_si256((const __m256i *)(sign + ch)));
+            __m256i q = _mm256_setzero_si256();
+            for (int j = 0; j < n; j++) /* a true compare is -1 */
+                q = _mm256_sub_epi32(q, _mm256_cmpgt_epi32(v, _mm256_loadu_si256((const __m256i *)(thr_t + (size_t)j * c + ch))));
+            store_codes8(width, q, out, dst + ch);
+        }
+    }
+}
+
+/* codes by thresholds, the float64 residual stream: 8 channels per step (two vectors), c % 8 == 0. */
+TARGET_AVX2 static void codes_x_thr_avx2(int width, const double *x, int H, int W, int c, const double *thr_t,
+                                         const int32_t *sign, int bits, void *out) {
+    const int n = (1 << bits) - 1;
+    const __m256i odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int p = 0; p < H * W; p++) {
+        const size_t dst = ((size_t)(p / W + 1) * (W + 2) + p % W + 1) * c;
+        for (int ch = 0; ch < c; ch += 8) {
+            const double *src = x + (size_t)p * c + ch;
+            const __m256d v0 = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(sign + ch))),
+                                             _mm256_loadu_pd(src));
+            const __m256d v1 = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(sign + ch + 4))),
+                                             _mm256_loadu_pd(src + 4));
+            __m256i q0 = _mm256_setzero_si256(), q1 = q0; /* int64 counts */
+            for (int j = 0; j < n; j++) {
+                const double *t = thr_t + (size_t)j * c + ch;
+                q0 = _mm256_sub_epi64(q0, _mm256_castpd_si256(_mm256_cmp_pd(v0, _mm256_loadu_pd(t), _CMP_GE_OQ)));
+                q1 = _mm256_sub_epi64(q1, _mm256_castpd_si256(_mm256_cmp_pd(v1, _mm256_loadu_pd(t + 4), _CMP_GE_OQ)));
+            }
+            /* the low int32 of each count, in channel order */
+            const __m128i lo0 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(q0, odd));
+            const __m128i lo1 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(q1, odd));
+            store_codes8(width, _mm256_set_m128i(lo1, lo0), out, dst + ch);
+        }
+    }
+}
+#endif
+
+/* bn1 + quantizer of the residual stream x into the padded image out. */
+static void codes_x(int path, int width, const double *x, int H, int W, const apq_block_int *b, int bits, void *out) {
+#ifdef APQ_X86
+    if (path != PATH_SCALAR && b->xthr_t && b->cin % 8 == 0) {
+        codes_x_thr_avx2(width, x, H, W, b->cin, b->xthr_t, b->xsign, bits, out);
+        return;
+    }
+#endif
+    codes(path, width, x, NULL, NULL, H, W, b->cin, &b->bn1, bits, out);
+}
+
+/* bn2 + quantizer of conv1's integer outputs (I * alpha1) into the padded image out. */
+static void codes_ints(int path, int width, const int32_t *ints, int H, int W, const apq_block_int *b, int bits,
+                       void *out) {
+#ifdef APQ_X86
+    if (path != PATH_SCALAR && b->ithr_t && b->cout % 8 == 0) {
+        codes_ints_thr_avx2(width, ints, H, W, b->cout, b->ithr_t, b->isign, bits, out);
+        return;
+    }
+#endif
+    codes(path, width, NULL, ints, b->alpha1, H, W, b->cout, &b->bn2, bits, out);
+}
+
 /* ---------------------------------------------------------------- the network */
 
 typedef struct {
@@ -326,10 +410,10 @@ static int forward_range(const void *ctx, int b0, int b1) {
             const apq_block_int *b = net->blocks + i;
             const int s = b->stride, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
             memset(pa, 0, elem * padded_pixels(H, W) * b->cin);
-            codes(path, width, x, NULL, NULL, H, W, b->cin, &b->bn1, bits, pa);
+            codes_x(path, width, x, H, W, b, bits, pa);
             conv(path, width, bits, pa, W, b->cin, s, Ho, Wo, b->w1, b->cout, acc);
             memset(pb, 0, elem * padded_pixels(Ho, Wo) * b->cout);
-            codes(path, width, NULL, acc, b->alpha1, Ho, Wo, b->cout, &b->bn2, bits, pb);
+            codes_ints(path, width, acc, Ho, Wo, b, bits, pb);
             if (s != 1 || b->cin != b->cout) {
                 apq_shortcut(x, H, W, b->cin, b->cout, s, xs);
                 double *t = x;
