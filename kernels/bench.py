@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kernels.engine import Backends, Engine, _session
-from kernels.profiler import percentile, time_runs
+from kernels.profiler import percentile, time_interleaved
 from model_store import fashion_mnist
 from model_store.artifact import Artifact
 
@@ -94,12 +94,35 @@ def bench(
     test = fashion_mnist.load("test")
     images = test.images[: max(batches)].reshape(-1, 784)
     macs = float(artifact.manifest.get("macs_per_image", 0))
-    rows = []
+    runs: dict[tuple[str, int], Callable[[], Any]] = {}
     for bits in bits_list:
         engine.warm(bits)
         for batch in batches:
-            walls, _ = time_runs(functools.partial(engine.run, images[:batch], bits))
-            median = statistics.median(walls)
+            runs[str(bits), batch] = functools.partial(engine.run, images[:batch], bits)
+    from kernels.onnx_graphs import fp32_graph
+
+    session = _session(fp32_graph(artifact).SerializeToString(), threads)
+    peer_runners: dict[str, Callable[[np.ndarray], Any]] = {
+        "onnxruntime-fp32": lambda x: session.run(
+            None, {"image": (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)}
+        )
+    }
+    eager = torch_eager(artifact, threads)
+    if eager is not None:
+        peer_runners = {"torch-fp32-eager": eager, **peer_runners}
+    for name, run in peer_runners.items():
+        for batch in batches:
+            runs[name, batch] = functools.partial(run, images[:batch])
+    # every row in rounds, so a swing of the machine's speed lands on all of them alike
+    timed = time_interleaved(runs, min_runs=5)
+    rows, peers = [], []
+    for (key, batch), (walls, _) in timed.items():
+        median = statistics.median(walls)
+        if key in peer_runners:
+            peers.append({"name": key, "batch": batch, "ms_median": round(median, 4)})
+            label = f"peer {key:<18}"
+        else:
+            bits = int(key)
             rows.append(
                 {
                     "bits": bits,
@@ -110,32 +133,7 @@ def bench(
                     "gmacs": round(macs * batch / (median / 1000) / 1e9, 3),
                 }
             )
-            if progress:
-                print(
-                    f"bench: {bits:>2} bits batch {batch:>3} {rows[-1]['backend']:<18} {median:9.3f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    peers = []
-    from kernels.onnx_graphs import fp32_graph
-
-    session = _session(fp32_graph(artifact).SerializeToString(), threads)
-    runners: dict[str, Callable[[np.ndarray], Any]] = {
-        "onnxruntime-fp32": lambda x: session.run(
-            None, {"image": (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)}
-        )
-    }
-    eager = torch_eager(artifact, threads)
-    if eager is not None:
-        runners = {"torch-fp32-eager": eager, **runners}
-    for name, run in runners.items():
-        for batch in batches:
-            walls, _ = time_runs(functools.partial(run, images[:batch]))
-            peers.append({"name": name, "batch": batch, "ms_median": round(statistics.median(walls), 4)})
-            if progress:
-                print(
-                    f"bench: peer {name:<18} batch {batch:>3} {peers[-1]['ms_median']:9.3f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            label = f"{bits:>2} bits {rows[-1]['backend']:<13}"
+        if progress:
+            print(f"bench: {label} batch {batch:>3} {median:9.3f} ms", file=sys.stderr, flush=True)
     return {"model": artifact.name, "threads": threads, "macs_per_image": macs, "rows": rows, "peers": peers}

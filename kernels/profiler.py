@@ -90,20 +90,28 @@ def candidates(bits: int) -> list[str]:
     return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + wide + native
 
 
-def time_runs(
-    run: Callable[[], Any], min_runs: int = 5, max_runs: int = 50, min_seconds: float = 0.3
-) -> tuple[list[float], list[float]]:
-    """Wall and CPU milliseconds of repeated calls, after one warm-up call."""
-    run()
-    walls: list[float] = []
-    cpus: list[float] = []
-    start = time.perf_counter()
-    while len(walls) < min_runs or (len(walls) < max_runs and time.perf_counter() - start < min_seconds):
-        w0, c0 = time.perf_counter(), time.process_time()
+def time_interleaved(
+    runs: dict[Any, Callable[[], Any]], min_runs: int = 3, max_runs: int = 50, min_ms: float = 300.0
+) -> dict[Any, tuple[list[float], list[float]]]:
+    """Wall and CPU milliseconds of every run, timed in rounds (one call of each per round, after one
+    warm-up call each) until each has ``min_runs`` calls and ``min_ms`` of wall time or ``max_runs`` calls.
+    On a machine whose speed swings for seconds at a time, this spreads each swing over every run instead
+    of letting it land on whichever one was being timed: the ratios between runs are what a profile is for."""
+    for run in runs.values():
         run()
-        walls.append(1000 * (time.perf_counter() - w0))
-        cpus.append(1000 * (time.process_time() - c0))
-    return walls, cpus
+    timed: dict[Any, tuple[list[float], list[float]]] = {key: ([], []) for key in runs}
+
+    def wanted(key: Any) -> bool:
+        walls = timed[key][0]
+        return len(walls) < min_runs or (len(walls) < max_runs and sum(walls) < min_ms)
+
+    while pending := [key for key in runs if wanted(key)]:
+        for key in pending:
+            w0, c0 = time.perf_counter(), time.process_time()
+            runs[key]()
+            timed[key][0].append(1000 * (time.perf_counter() - w0))
+            timed[key][1].append(1000 * (time.process_time() - c0))
+    return timed
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -158,12 +166,10 @@ def profile(
     reference = ReferenceEngine(artifact)
     rng = np.random.default_rng(0)
     timing_images = test.images[rng.choice(len(test), size=max(batches), replace=False)].reshape(-1, 784)
-    rows: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
-    chosen: dict[str, str] = {}
+    runners: dict[tuple[int, str], Callable[[np.ndarray], Any]] = {}
     for bits in bits_list:
         want = reference.run(images, bits)
-        best: tuple[float, str] | None = None
         for backend in [default_backend(bits)] if defaults_only else candidates(bits):
             name, runner = build_runner(artifact, bits, backend, threads)
             got = runner(flat)
@@ -173,11 +179,16 @@ def profile(
             checks.append(
                 {"bits": bits, "backend": name, "agreement": agreement, "max_abs_diff": max_diff, "correct": correct}
             )
-            total = 0.0
-            for batch in batches:
-                x = timing_images[:batch]
-                walls, cpus = time_runs(functools.partial(runner, x), min_runs=3)
-                row: dict[str, Any] = {
+            runners[bits, name] = runner
+            if progress:
+                _log(f"profile: {bits:>2} bits {name:<24} agreement {100 * agreement:6.2f} %")
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        x = timing_images[:batch]
+        timed = time_interleaved({key: functools.partial(run, x) for key, run in runners.items()})
+        for (bits, name), (walls, cpus) in timed.items():
+            rows.append(
+                {
                     "bits": bits,
                     "batch": batch,
                     "backend": name,
@@ -185,17 +196,21 @@ def profile(
                     "ms_p90": round(percentile(walls, 90), 4),
                     "cpu_ms": round(statistics.median(cpus), 4),
                 }
-                rows.append(row)
-                total += row["ms_median"]
-            if progress:
-                _log(
-                    f"profile: {bits:>2} bits {name:<18} agreement {100 * agreement:6.2f} %  sum of medians {total:9.2f} ms"
-                )
-            if correct and (best is None or total < best[0]):
-                best = (total, name)
-        if best is None:
+            )
+        if progress:
+            _log(f"profile: batch {batch:>2} timed on {len(runners)} backends")
+    chosen: dict[str, str] = {}
+    for bits in bits_list:
+        totals = {
+            c["backend"]: sum(r["ms_median"] for r in rows if r["bits"] == bits and r["backend"] == c["backend"])
+            for c in checks
+            if c["bits"] == bits and c["correct"]
+        }
+        if not totals:
             raise RuntimeError(f"no backend for {bits} bits agrees with the reference engine: {checks[-1]}")
-        chosen[str(bits)] = best[1]
+        chosen[str(bits)] = min(totals, key=totals.__getitem__)
+        if progress:
+            _log(f"profile: {bits:>2} bits sums of medians " + ", ".join(f"{k} {v:.2f} ms" for k, v in totals.items()))
     accuracy = accuracy_table(artifact, images, labels, reference)
     ref_batch = 32 if 32 in batches else max(batches)
     latency = {

@@ -1,4 +1,4 @@
-/* What bitserial.c and int16.c share: dispatch, the float64 BatchNorm and requantizer every path must
+/* What bitserial.c and integer.c share: dispatch, the float64 BatchNorm and requantizer every path must
  * compute identically, and the float parts of the network (stem, shortcut, head) around the quantized
  * convs. Everything float is float64, like the reference engine. */
 #ifndef APQ_COMMON_H
