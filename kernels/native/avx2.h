@@ -16,7 +16,6 @@ TARGET_AVX2 static void core_avx2(const uint64_t *tile, const uint64_t *w, const
     const size_t high = (size_t)bits * cout * rw; /* wn + high: the high nibbles */
     int o = 0;
     for (; o + 4 <= cout; o += 4) {
-        for (int k = 0; k < 4 * TILE; k += 4) _mm256_storeu_si256((__m256i *)(dot + (size_t)o * TILE + k), zero);
         for (int p = 0; p < bits; p++) {
             const uint64_t *wl = wn + ((size_t)p * cout + o) * rw, *wh = wl + high;
             for (int q = 0; q < bits; q++) {
@@ -41,11 +40,12 @@ TARGET_AVX2 static void core_avx2(const uint64_t *tile, const uint64_t *w, const
 #undef COUNT
                     }
                     const __m256i s[4][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};
+                    const int first = p == 0 && q == 0 && i0 == 0; /* the dot products start here */
                     for (int c = 0; c < 4; c++)
                         for (int h = 0; h < 2; h++) {
                             __m256i *d = (__m256i *)(dot + (size_t)(o + c) * TILE + 4 * h);
                             const __m256i add = _mm256_sll_epi64(_mm256_sad_epu8(s[c][h], zero), shift);
-                            _mm256_storeu_si256(d, _mm256_add_epi64(_mm256_loadu_si256(d), add));
+                            _mm256_storeu_si256(d, first ? add : _mm256_add_epi64(_mm256_loadu_si256(d), add));
                         }
                 }
             }
