@@ -53,6 +53,9 @@ def test_default_backends_agree_with_reference(bundled, reference, images, bits)
         (8, "onnxruntime-int8"),
         (5, "int16-scalar"),
         (2, "int16"),
+        (3, "int8-scalar"),
+        (7, "int8"),
+        (1, "int8-avx2"),
     ],
 )
 def test_non_default_backends_agree(bundled, reference, images, bits, backend):
@@ -66,6 +69,7 @@ def test_backend_names(bundled):
     eng = Engine(bundled)
     assert eng.backend(32) == "onnxruntime-fp32"
     assert eng.backend(8).startswith("int16-") and eng.backend(8) != "int16-"
+    assert eng.backend(4).startswith("int8-") and eng.backend(4) != "int8-"
     assert eng.backend(1).startswith("native-") and eng.backend(1) != "native-"
     assert eng.bits == bundled.bits
 
@@ -90,7 +94,7 @@ def test_bad_input_is_refused(bundled):
         eng.run(np.zeros((1, 784), np.int32), 8)
     with pytest.raises(ValueError, match="'gpu' cannot serve bits 4; this CPU has onnxruntime-int8"):
         Engine(bundled, backends={4: "gpu"})
-    for bits, name in ((32, "native"), (2, "onnxruntime-int8"), (8, "onnxruntime-fp32")):
+    for bits, name in ((32, "native"), (2, "onnxruntime-int8"), (8, "onnxruntime-fp32"), (8, "int8-avx2")):
         with pytest.raises(ValueError, match=f"'{name}' cannot serve bits {bits}"):
             Engine(bundled, backends={bits: name})
     assert eng.run(np.zeros((0, 784), np.uint8), 2).shape == (0, 10)
