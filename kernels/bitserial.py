@@ -91,19 +91,9 @@ def conv_codes(codes: np.ndarray, planes: np.ndarray, bits: int, stride: int, pa
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     out = np.empty((b, ho, wo, cout), dtype=np.int64)
     rc = _library().apq_conv_codes(
-        codes.ctypes.data,
-        b,
-        h,
-        w,
-        cin,
-        bits,
-        words.ctypes.data,
-        cout,
-        rw,
-        stride,
-        out.ctypes.data,
+        codes.ctypes.data, b, h, w, cin, bits, words.ctypes.data, cout, rw, stride, out.ctypes.data,
         clib.path_code(path),
-    )
+    )  # fmt: skip
     if rc:
         raise NativeError(f"apq_conv_codes failed ({rc})")
     return out

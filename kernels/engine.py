@@ -71,8 +71,10 @@ def backends_for(bits: int) -> list[str]:
 
 
 def _integer_prefixes(bits: int) -> list[str]:
-    """The integer kernel widths that serve ``bits``: int8 levels reach 7 bits."""
-    return [INT8_PREFIX, INT16_PREFIX] if bits <= 7 else [INT16_PREFIX]
+    """The integer kernel widths that serve ``bits`` (int8 levels reach 7 bits)."""
+    from kernels import integer
+
+    return [prefix for prefix, width in INTEGER_WIDTH.items() if 1 <= bits <= integer.max_bits(width)]
 
 
 def check_backend(bits: int, name: str) -> None:
@@ -82,10 +84,10 @@ def check_backend(bits: int, name: str) -> None:
         return
     if bits == FP32:
         ok = name == ORT_FP32
-    elif name in (NATIVE_PREFIX, INT16_PREFIX) or name.startswith((f"{NATIVE_PREFIX}-", f"{INT16_PREFIX}-")):
+    elif name == NATIVE_PREFIX or name.startswith(f"{NATIVE_PREFIX}-"):
         ok = 1 <= bits <= 8
-    elif name == INT8_PREFIX or name.startswith(f"{INT8_PREFIX}-"):
-        ok = 1 <= bits <= 7
+    elif name.split("-")[0] in INTEGER_WIDTH:
+        ok = name.split("-")[0] in _integer_prefixes(bits)
     else:
         ok = name == ORT_FP32_CODES or (name == ORT_INT8 and bits >= 3)
     if not ok:

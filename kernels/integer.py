@@ -24,7 +24,6 @@ COLS = 16  # output channels per micro-tile (integer.c)
 WIDTHS = (8, 16)
 _GROUP = {8: 4, 16: 2}  # input channels side by side in a packed weight group
 _DTYPE = {8: np.int8, 16: np.int16}
-_CTYPE = {8: ctypes.c_int8, 16: ctypes.c_int16}
 _P = clib.P
 
 
