@@ -33,6 +33,8 @@ def integer_conv(codes: np.ndarray, codes8: np.ndarray, bits: int, stride: int) 
         (130, 7, 3, 1, 3),  # three words per pixel, three planes
         (17, 33, 8, 2, 8),  # all eight planes
         (128, 6, 5, 1, 5),
+        (32, 32, 20, 1, 1),  # wide enough for dense tiles (consecutive origins, border lanes dropped)
+        (20, 12, 18, 1, 3),
     ],
 )
 def test_integer_conv_matches_numpy(path, cin, cout, size, stride, bits):

@@ -19,7 +19,8 @@ TARGET_AVX2 static void core_avx2(const uint64_t *tile, const uint64_t *w, const
         for (int p = 0; p < bits; p++) {
             const uint64_t *wl = wn + ((size_t)p * cout + o) * rw, *wh = wl + high;
             for (int q = 0; q < bits; q++) {
-                const __m128i shift = _mm_cvtsi32_si128(2 * bits - 2 - p - q);
+                const int sh = 2 * bits - 2 - p - q;
+                const __m128i shift = _mm_cvtsi32_si128(sh);
                 const uint64_t *ar = tile + (size_t)q * rw * TILE;
                 for (int i0 = 0; i0 < rw; i0 += 31) {
                     const int i1 = i0 + 31 < rw ? i0 + 31 : rw;
@@ -44,7 +45,8 @@ TARGET_AVX2 static void core_avx2(const uint64_t *tile, const uint64_t *w, const
                     for (int c = 0; c < 4; c++)
                         for (int h = 0; h < 2; h++) {
                             __m256i *d = (__m256i *)(dot + (size_t)(o + c) * TILE + 4 * h);
-                            const __m256i add = _mm256_sll_epi64(_mm256_sad_epu8(s[c][h], zero), shift);
+                            __m256i add = _mm256_sad_epu8(s[c][h], zero);
+                            if (sh) add = _mm256_sll_epi64(add, shift); /* never at 1 bit */
                             _mm256_storeu_si256(d, first ? add : _mm256_add_epi64(_mm256_loadu_si256(d), add));
                         }
                 }
@@ -157,17 +159,26 @@ TARGET_AVX2 static void pack_activations_avx2(const double *x, int H, int W, int
     }
 }
 
-/* gather for stride 1, where lane t's window origin is g0 + t: each (tap, plane, word) is two vector
- * loads of 4 consecutive pixels, shifted into place (implicit im2col). */
-TARGET_AVX2 static void gather_avx2(const uint64_t *in, size_t P, int cin, int bits, int rw, int g0, const int *off,
-                                    uint64_t *tile) {
+/* gather (implicit im2col): each (tap, plane, word) of 4 lanes is one vector, shifted into place. Dense
+ * tiles (g == NULL: lane t's window origin is g0 + t) load 4 consecutive pixels per instruction; other
+ * tiles assemble the vector from the lanes' origins g[t]. */
+TARGET_AVX2 static void gather_avx2(const uint64_t *in, size_t P, int cin, int bits, int rw, int g0, const int *g,
+                                    const int *off, uint64_t *tile) {
     const int cw = words_for(cin);
     for (int k = 0; k < 9; k++)
         for (int q = 0; q < bits; q++)
             for (int j = 0; j < cw; j++) {
-                const uint64_t *src = in + ((size_t)q * cw + j) * P + g0 + off[k];
-                const __m256i a0 = _mm256_loadu_si256((const __m256i *)src);
-                const __m256i a1 = _mm256_loadu_si256((const __m256i *)(src + 4));
+                const uint64_t *base = in + ((size_t)q * cw + j) * P + off[k];
+                __m256i a0, a1;
+                if (g) {
+                    a0 = _mm256_set_epi64x((long long)base[g[3]], (long long)base[g[2]], (long long)base[g[1]],
+                                           (long long)base[g[0]]);
+                    a1 = _mm256_set_epi64x((long long)base[g[7]], (long long)base[g[6]], (long long)base[g[5]],
+                                           (long long)base[g[4]]);
+                } else {
+                    a0 = _mm256_loadu_si256((const __m256i *)(base + g0));
+                    a1 = _mm256_loadu_si256((const __m256i *)(base + g0 + 4));
+                }
                 const int bit = k * cin + 64 * j, d = bit >> 6, sh = bit & 63;
                 __m256i *row = (__m256i *)(tile + ((size_t)q * rw + d) * TILE);
                 const __m128i l = _mm_cvtsi32_si128(sh);
@@ -246,6 +257,8 @@ TARGET_AVX2 static void epilogue_residual_avx2(const int64_t *dot, const int64_t
     const int64_t offset = 1 - (1LL << bits);
     const __m256i magic_i = _mm256_set1_epi64x(0x4338000000000000LL);
     const __m256d magic_d = _mm256_castsi256_pd(magic_i);
+    __m256i oa[TILE]; /* offset * asum per lane, broadcast once per tile */
+    for (int t = 0; t < TILE; t++) oa[t] = _mm256_set1_epi64x(offset * asum[t]);
     for (int o = 0; o < cout; o += 4) {
         const __m256d al = _mm256_loadu_pd(alpha + o);
         for (int t0 = 0; t0 < TILE; t0 += 4) {
@@ -263,7 +276,7 @@ TARGET_AVX2 static void epilogue_residual_avx2(const int64_t *dot, const int64_t
             c[3] = _mm256_castpd_si256(_mm256_permute2f128_pd(u1, u3, 0x31));
             for (int t = 0; t < 4; t++) {
                 if (pix[t0 + t] < 0) continue;
-                const __m256i i = _mm256_add_epi64(_mm256_slli_epi64(c[t], 1), _mm256_set1_epi64x(offset * asum[t0 + t]));
+                const __m256i i = _mm256_add_epi64(_mm256_slli_epi64(c[t], 1), oa[t0 + t]);
                 const __m256d d = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(i, magic_i)), magic_d);
                 double *dst = res + (size_t)pix[t0 + t] * cout + o;
                 _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), _mm256_mul_pd(d, al)));
