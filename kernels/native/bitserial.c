@@ -283,15 +283,12 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
     /* Activation sums: per padded pixel, then over each 3x3 window by origin (its top-left corner), as a
      * row pass and a column pass: wsum[f] = sum of pixsum over the window at f. */
     int64_t *pixsum = sums + P, *wsum = sums;
-    for (size_t f = 0; f < P; f++) {
-        int64_t sum = 0;
-        for (int q = 0; q < bits; q++) {
-            int64_t ones = 0;
-            for (int j = 0; j < cw; j++) ones += __builtin_popcountll(in[((size_t)q * cw + j) * P + f]);
-            sum += ones << (bits - 1 - q);
+    memset(pixsum, 0, sizeof(int64_t) * P);
+    for (int q = 0; q < bits; q++)
+        for (int j = 0; j < cw; j++) {
+            const uint64_t *plane = in + ((size_t)q * cw + j) * P;
+            for (size_t f = 0; f < P; f++) pixsum[f] += (int64_t)__builtin_popcountll(plane[f]) << (bits - 1 - q);
         }
-        pixsum[f] = sum;
-    }
     const size_t origins = (size_t)H * Wp; /* every origin of a window inside the padded image */
     for (size_t f = 0; f < origins + 2 * (size_t)Wp; f++) pixsum[f] += pixsum[f + 1] + pixsum[f + 2];
     for (size_t f = 0; f < origins; f++) wsum[f] = pixsum[f] + pixsum[f + Wp] + pixsum[f + 2 * (size_t)Wp];
