@@ -487,14 +487,14 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
         if (b->rw2 > rwmax) rwmax = b->rw2;
     }
     const size_t npix = (size_t)H0 * W0;
-    double *x = malloc(sizeof(double) * npix * cmax);
-    double *xs = malloc(sizeof(double) * npix * cmax);
+    double *x = apq_alloc(sizeof(double) * npix * cmax);
+    double *xs = apq_alloc(sizeof(double) * npix * cmax);
     const size_t P0 = plane_stride(H0, W0);
-    uint64_t *pa = malloc(sizeof(uint64_t) * P0 * bits * words_for(cmax));
-    uint64_t *pb = malloc(sizeof(uint64_t) * P0 * bits * words_for(cmax));
-    uint64_t *tile = malloc(sizeof(uint64_t) * (size_t)bits * rwmax * TILE);
-    int64_t *dot = malloc(sizeof(int64_t) * (size_t)cmax * TILE);
-    int64_t *sums = malloc(sizeof(int64_t) * 2 * P0);
+    uint64_t *pa = apq_alloc(sizeof(uint64_t) * P0 * bits * words_for(cmax));
+    uint64_t *pb = apq_alloc(sizeof(uint64_t) * P0 * bits * words_for(cmax));
+    uint64_t *tile = apq_alloc(sizeof(uint64_t) * (size_t)bits * rwmax * TILE);
+    int64_t *dot = apq_alloc(sizeof(int64_t) * (size_t)cmax * TILE);
+    int64_t *sums = apq_alloc(sizeof(int64_t) * 2 * P0);
     if (!x || !xs || !pa || !pb || !tile || !dot || !sums) {
         status = -2;
         goto done;
@@ -574,10 +574,10 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
     const int cw = words_for(cin), Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
     const size_t P = plane_stride(H, W);
     uint64_t *planes = calloc(P * bits * cw, sizeof(uint64_t));
-    uint64_t *wn = malloc(sizeof(uint64_t) * 2 * (size_t)bits * cout * rw);
-    uint64_t *tile = malloc(sizeof(uint64_t) * (size_t)bits * rw * TILE);
-    int64_t *dot = malloc(sizeof(int64_t) * (size_t)cout * TILE);
-    int64_t *sums = malloc(sizeof(int64_t) * 2 * P);
+    uint64_t *wn = apq_alloc(sizeof(uint64_t) * 2 * (size_t)bits * cout * rw);
+    uint64_t *tile = apq_alloc(sizeof(uint64_t) * (size_t)bits * rw * TILE);
+    int64_t *dot = apq_alloc(sizeof(int64_t) * (size_t)cout * TILE);
+    int64_t *sums = apq_alloc(sizeof(int64_t) * 2 * P);
     int status = (planes && wn && tile && dot && sums) ? 0 : -2;
     if (!status) apq_split_nibbles(w, bits, cout, rw, wn);
     for (int b = 0; b < batch && !status; b++) {

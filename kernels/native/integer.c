@@ -396,9 +396,9 @@ static int forward_range(const void *ctx, int b0, int b1) {
     for (int i = 0; i < net->nblocks; i++)
         if (net->blocks[i].cout > cmax) cmax = net->blocks[i].cout;
     const size_t npix = (size_t)H0 * W0, padded = padded_pixels(H0, W0) * cmax;
-    double *x = malloc(sizeof(double) * npix * cmax), *xs = malloc(sizeof(double) * npix * cmax);
-    void *pa = malloc(elem * padded), *pb = malloc(elem * padded);
-    int32_t *acc = malloc(sizeof(int32_t) * npix * cmax);
+    double *x = apq_alloc(sizeof(double) * npix * cmax), *xs = apq_alloc(sizeof(double) * npix * cmax);
+    void *pa = apq_alloc(elem * padded), *pb = apq_alloc(elem * padded);
+    int32_t *acc = apq_alloc(sizeof(int32_t) * npix * cmax);
     if (!x || !xs || !pa || !pb || !acc) {
         status = -2;
         goto done;
