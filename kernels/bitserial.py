@@ -74,7 +74,7 @@ def _words(planes: np.ndarray) -> np.ndarray:
 def _nibbles(words: np.ndarray, bits: int) -> np.ndarray:
     """The AVX2 core's copy of the top ``bits`` planes, split into nibbles: [2, bits, cout, rw] uint64."""
     top = np.ascontiguousarray(words[:bits])
-    out = np.empty((2, *top.shape), np.uint64)
+    out = clib.aligned_empty((2, *top.shape), np.uint64)
     _library().apq_split_nibbles(top.ctypes.data, bits, top.shape[1], top.shape[2], out.ctypes.data)
     return out
 

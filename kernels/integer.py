@@ -149,8 +149,8 @@ class IntegerNet:
         cblocks = (_Block * len(parts.blocks))()
         for i, layer in enumerate(parts.blocks):
             name, cin, cout = layer["name"], layer["in"], layer["out"]
-            w1 = pack_levels(t[f"{name}.conv1.planes"], bits, 9 * cin, width)
-            w2 = pack_levels(t[f"{name}.conv2.planes"], bits, 9 * cout, width)
+            w1 = clib.aligned(pack_levels(t[f"{name}.conv1.planes"], bits, 9 * cin, width))
+            w2 = clib.aligned(pack_levels(t[f"{name}.conv2.planes"], bits, 9 * cout, width))
             alpha1, alpha2 = clib.alpha(artifact, f"{name}.conv1", bits), clib.alpha(artifact, f"{name}.conv2", bits)
             bn1 = clib.batchnorm(artifact, f"{name}.bn1", bits, keep)
             bn2 = clib.batchnorm(artifact, f"{name}.bn2", bits, keep)
