@@ -159,7 +159,8 @@ TARGET_AVX2 static void pack_activations_avx2(const double *x, int H, int W, int
     }
 }
 
-/* gather (implicit im2col): each (tap, plane, word) of 4 lanes is one vector, shifted into place. Dense
+/* gather (implicit im2col): each (tap, plane, word) of 4 lanes is one vector, shifted into place (OR-ed
+ * into the zeroed tile; stored as is when cin % 64 == 0, the tile then needs no zeroing). Dense
  * tiles (g == NULL: lane t's window origin is g0 + t) load 4 consecutive pixels per instruction; other
  * tiles assemble the vector from the lanes' origins g[t]. */
 TARGET_AVX2 static void gather_avx2(const uint64_t *in, size_t P, int cin, int bits, int rw, int g0, const int *g,
@@ -181,6 +182,11 @@ TARGET_AVX2 static void gather_avx2(const uint64_t *in, size_t P, int cin, int b
                 }
                 const int bit = k * cin + 64 * j, d = bit >> 6, sh = bit & 63;
                 __m256i *row = (__m256i *)(tile + ((size_t)q * rw + d) * TILE);
+                if (cin % 64 == 0) { /* every tile word comes from one (tap, word): store, nothing to merge */
+                    _mm256_storeu_si256(row, a0);
+                    _mm256_storeu_si256(row + 1, a1);
+                    continue;
+                }
                 const __m128i l = _mm_cvtsi32_si128(sh);
                 _mm256_storeu_si256(row, _mm256_or_si256(_mm256_loadu_si256(row), _mm256_sll_epi64(a0, l)));
                 _mm256_storeu_si256(row + 1, _mm256_or_si256(_mm256_loadu_si256(row + 1), _mm256_sll_epi64(a1, l)));

@@ -312,7 +312,7 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
             asum[t] = ok ? wsum[g[t]] : 0;
             if (++ox == row) ox = 0, oy++;
         }
-        memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
+        if (path == PATH_SCALAR || cin % 64) memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
 #ifdef APQ_X86
         if (path != PATH_SCALAR)
             gather_avx2(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tile);
