@@ -166,16 +166,20 @@ TARGET_AVX2 static void pack_activations_avx2(const double *x, int H, int W, int
 TARGET_AVX2 static void gather_avx2(const uint64_t *in, size_t P, int cin, int bits, int rw, int g0, const int *g,
                                     const int *off, uint64_t *tile) {
     const int cw = words_for(cin);
+    /* origins ascend within a tile, so 4 lanes 3 apart are 4 consecutive words: one load */
+    const int run0 = g && g[3] - g[0] == 3, run1 = g && g[7] - g[4] == 3;
     for (int k = 0; k < 9; k++)
         for (int q = 0; q < bits; q++)
             for (int j = 0; j < cw; j++) {
                 const uint64_t *base = in + ((size_t)q * cw + j) * P + off[k];
                 __m256i a0, a1;
                 if (g) {
-                    a0 = _mm256_set_epi64x((long long)base[g[3]], (long long)base[g[2]], (long long)base[g[1]],
-                                           (long long)base[g[0]]);
-                    a1 = _mm256_set_epi64x((long long)base[g[7]], (long long)base[g[6]], (long long)base[g[5]],
-                                           (long long)base[g[4]]);
+                    a0 = run0 ? _mm256_loadu_si256((const __m256i *)(base + g[0]))
+                              : _mm256_set_epi64x((long long)base[g[3]], (long long)base[g[2]],
+                                                  (long long)base[g[1]], (long long)base[g[0]]);
+                    a1 = run1 ? _mm256_loadu_si256((const __m256i *)(base + g[4]))
+                              : _mm256_set_epi64x((long long)base[g[7]], (long long)base[g[6]],
+                                                  (long long)base[g[5]], (long long)base[g[4]]);
                 } else {
                     a0 = _mm256_loadu_si256((const __m256i *)(base + g0));
                     a1 = _mm256_loadu_si256((const __m256i *)(base + g0 + 4));
