@@ -72,6 +72,14 @@ class Planner:
             self._cheapest[kind] = min(cands, key=lambda b: (self.latency(b, req.size), b)) if cands else None
         return self._cheapest[kind]
 
+    def efficient_batch(self, bits: int, slack: float = 1.15) -> int:
+        """The smallest batch whose time per image is within ``slack`` x the best batch's (up to
+        ``max_batch_size``): below it, a batch spends the core on fixed costs that bigger batches share."""
+        top = max(self.snap.max_batch_size, 1)
+        per_image = [self.profile.latency(bits, n) / n for n in range(1, top + 1)]
+        best = min(per_image)
+        return next(n for n, cost in enumerate(per_image, start=1) if cost <= slack * best)
+
     # --- batches --------------------------------------------------------------------------------
     def fill(self, queue: Sequence[QueuedRequest], bits: int, max_images: int | None = None) -> list[QueuedRequest]:
         """Queued requests (in queue order) that may get ``bits``, up to ``max_images`` images (the first is

@@ -112,6 +112,20 @@ def test_slo_moves_down_under_load_and_keeps_every_deadline_it_can() -> None:
     assert decision.bits == 1 and decision.reject == tuple(range(111, 120))
 
 
+def test_slo_in_overload_refuses_a_head_that_cannot_wait_for_an_efficient_batch() -> None:
+    # 1 bit on the stand-in profile: 0.6 ms alone, 5 images (its efficient batch) in about 2 ms. The tight
+    # request makes its 3 ms deadline (less the 2 ms margin) only in a batch of one.
+    tight = req(999, arrival=0.0, slo_ms=3.0)
+    crowd = [req(i, arrival=0.0, slo_ms=40) for i in range(120)]  # more than 38 ms of full 1-bit batches
+    s = snap([tight, *crowd], now=0.0)
+    decision = checked(build("slo").decide(s), s)
+    assert 999 in decision.reject and decision.bits == 1 and decision.requests == tuple(range(32))
+    # the same request with no overload behind it is served, alone if it must be
+    s = snap([tight, *crowd[:10]], now=0.0)
+    decision = checked(build("slo").decide(s), s)
+    assert decision.reject == () and decision.requests[0] == 999
+
+
 def test_slo_plans_with_the_observed_latency_scale() -> None:
     """Batches lately took 3x the profile (a busy core): fp32 (3.5 ms -> 10.5) no longer fits 8 ms of
     slack, 8 bits (1.9 -> 5.7) does."""
