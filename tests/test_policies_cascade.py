@@ -63,3 +63,25 @@ def test_trivial_and_unreachable_targets() -> None:
         calibrate(right[:3], right, labels, 0.5)
     with pytest.raises(ValueError, match="target_accuracy"):
         calibrate(right, right, labels, 0.0)
+
+
+def test_calibration_script_escalates_to_the_cheapest_bits_as_accurate_as_8() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from model_store import artifact
+    from policies.profile import load_profile
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "calibrate_cascade.py"
+    spec = importlib.util.spec_from_file_location("calibrate_cascade", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = artifact.load()
+    bits = script.escalation_bits(model, artifact.BUNDLED)
+    accuracy = model.accuracy("validation")
+    prof = load_profile(artifact.BUNDLED.with_suffix(".profile.json"), accuracy)
+    assert bits in prof.latency.pareto and accuracy[bits] >= accuracy[8]
+    assert prof.latency.latency(bits, 32) <= prof.latency.latency(8, 32)
+    # no profile beside the model: the reference bits themselves
+    assert script.escalation_bits(model, Path("/nonexistent/model.apm")) == 8
