@@ -322,10 +322,10 @@ def bench_main(args: argparse.Namespace) -> int:
         servers["baseline"] = Server("baseline", baseline_argv, {}, args.server_cpu)
         for server in servers.values():
             server.__enter__()
+        per_round = args.duration / args.rounds
         for r in range(args.rounds):
             for key, server in servers.items():
                 print(f"saturated, round {r + 1}/{args.rounds}, {server.name} ...", file=sys.stderr)
-                per_round = args.duration / args.rounds
                 rounds[key].append(_load(server.url, args.load_cpu, args.concurrency, per_round, args.warmup, False))
     finally:
         for server in servers.values():

@@ -1,6 +1,6 @@
 /* Two AVX2 formulations of the 1-bit conv core on one layer's worth of data, checked equal and timed:
  *
- *  nibble: what kernels/native/avx2.h runs. Weights split into nibbles; per channel and 256 bits of a
+ *  nibble: kernels/native/avx2.h's core_avx2, included. Weights split into nibbles; per channel and 256 bits of a
  *          tile row: AND (the lookup index), vpshufb on a popcount table, add; twice (low and high
  *          nibbles): 6 vector operations per 256 bit-MACs.
  *  table:  the lookup reversed. Per channel and nibble position g the weight nibble w selects a 16-byte
@@ -12,24 +12,21 @@
  *
  * Layer shape as the bundled model's 7x7 stage (cin 128, 3x3: 1152 bits per row, cout 128), 32 pixels.
  *
- *     gcc -O2 -mavx2 bench/bitserial_core_lut.c -o /tmp/core_lut && taskset -c 1 /tmp/core_lut
+ *     gcc -O3 -mavx2 bench/bitserial_core_lut.c -o /tmp/core_lut && taskset -c 1 /tmp/core_lut
  *
  * It times the cores alone: the activation layouts (bit rows per pixel, nibble bytes per pixel) would be
  * built by the gather in either case and are prepared once here.
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <time.h>
+
+#include "../kernels/native/bitserial.c" /* the shipped core itself: core_avx2, TILE */
 
 #define K 1152          /* bits per row */
 #define RW (K / 64)     /* words per row */
 #define G (K / 4)       /* nibble positions */
 #define C 128           /* output channels */
 #define PIX 32          /* pixels per call */
-#define TILE 8
 
 static double now(void) {
     struct timespec t;
@@ -37,45 +34,13 @@ static double now(void) {
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
-/* ---------------------------------------------------------------- nibble (the shipped core, 1 bit) */
-static void core_nibble(const uint64_t *tile, const uint64_t *wn, int64_t *dot) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
-                                         2, 2, 3, 2, 3, 3, 4);
-    const __m256i zero = _mm256_setzero_si256();
-    const uint64_t *wlo = wn, *whi = wn + (size_t)C * RW;
-    for (int o = 0; o < C; o += 4)
-        for (int i0 = 0; i0 < RW; i0 += 31) {
-            const int i1 = i0 + 31 < RW ? i0 + 31 : RW;
-            __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero, s20 = zero, s21 = zero, s30 = zero, s31 = zero;
-            for (int i = i0; i < i1; i++) {
-                __m256i a0 = _mm256_loadu_si256((const __m256i *)(tile + i * TILE));
-                __m256i a1 = _mm256_loadu_si256((const __m256i *)(tile + i * TILE + 4));
-                __m256i b;
-#define COUNT(c, wv)                                                                        \
-    b = _mm256_set1_epi64x((long long)(wv)[(size_t)(o + c) * RW + i]);                      \
-    s##c##0 = _mm256_add_epi8(s##c##0, _mm256_shuffle_epi8(lut, _mm256_and_si256(a0, b))); \
-    s##c##1 = _mm256_add_epi8(s##c##1, _mm256_shuffle_epi8(lut, _mm256_and_si256(a1, b)));
-                COUNT(0, wlo) COUNT(1, wlo) COUNT(2, wlo) COUNT(3, wlo)
-                a0 = _mm256_srli_epi16(a0, 4);
-                a1 = _mm256_srli_epi16(a1, 4);
-                COUNT(0, whi) COUNT(1, whi) COUNT(2, whi) COUNT(3, whi)
-#undef COUNT
-            }
-            const __m256i s[4][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};
-            for (int c = 0; c < 4; c++)
-                for (int h = 0; h < 2; h++) {
-                    __m256i *d = (__m256i *)(dot + (size_t)(o + c) * TILE + 4 * h);
-                    const __m256i add = _mm256_sad_epu8(s[c][h], zero);
-                    _mm256_storeu_si256(d, i0 == 0 ? add : _mm256_add_epi64(_mm256_loadu_si256(d), add));
-                }
-        }
-}
-
 /* ---------------------------------------------------------------- table (the reversed lookup) */
 /* tables: [C / 2][G][32] bytes, lane 0 channel 2j's table at g, lane 1 channel 2j+1's. nib: [G][PIX]
  * bytes. out: [C][PIX] int16. A pass: 4 channel pairs x 32 pixels = 8 byte accumulators, so each table
  * load (from L2 on this layer: 590 KB of tables) serves 32 pixels. */
-static void core_table(const uint8_t *tables, const uint8_t *nib, int16_t *out) {
+/* -O2 for this function: gcc's -O3 (the library's flag, which the included core keeps) makes it 1.2 x
+ * slower here (11.4 against 9.2-9.4 us). */
+__attribute__((optimize("O2"))) static void core_table(const uint8_t *tables, const uint8_t *nib, int16_t *out) {
     const __m256i zero = _mm256_setzero_si256();
     for (int cp = 0; cp < C / 2; cp += 4) {
         __m256i w16[4][2][2]; /* int16 sums: [pair][pixel group][pixels 0-7 | 8-15 per lane] */
@@ -141,7 +106,7 @@ int main(void) {
 
     int64_t *dot = aligned_alloc(64, sizeof(int64_t) * C * PIX);
     int16_t *out = aligned_alloc(64, sizeof(int16_t) * C * PIX);
-    for (int t0 = 0; t0 < PIX; t0 += TILE) core_nibble(tiles + (size_t)t0 * RW, wn, dot + (size_t)t0 * C);
+    for (int t0 = 0; t0 < PIX; t0 += TILE) core_avx2(tiles + (size_t)t0 * RW, w, wn, 1, C, RW, dot + (size_t)t0 * C);
     core_table(tables, nib, out);
     long bad = 0;
     for (int c = 0; c < C; c++)
@@ -158,7 +123,7 @@ int main(void) {
         double best_n = 1e9, best_t = 1e9;
         for (int rep = 0; rep < 200; rep++) {
             double t = now();
-            for (int t0 = 0; t0 < PIX; t0 += TILE) core_nibble(tiles + (size_t)t0 * RW, wn, dot + (size_t)t0 * C);
+            for (int t0 = 0; t0 < PIX; t0 += TILE) core_avx2(tiles + (size_t)t0 * RW, w, wn, 1, C, RW, dot + (size_t)t0 * C);
             t = now() - t;
             if (t < best_n) best_n = t;
             t = now();

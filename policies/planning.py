@@ -30,6 +30,7 @@ class Planner:
         self._cheapest: dict[tuple[int, int, int | None, bool, int], int | None] = {}
         self._info: dict[int, tuple[list[float] | None, float, int]] = {}
         self._rows: dict[int, list[float]] = {}
+        self._efficient: dict[tuple[int, float], int] = {}
 
     # --- bits -----------------------------------------------------------------------------------
     def accuracy_key(self, bits: int) -> tuple[float, float, int]:
@@ -75,10 +76,13 @@ class Planner:
     def efficient_batch(self, bits: int, slack: float = 1.15) -> int:
         """The smallest batch whose time per image is within ``slack`` x the best batch's (up to
         ``max_batch_size``): below it, a batch spends the core on fixed costs that bigger batches share."""
-        top = max(self.snap.max_batch_size, 1)
-        per_image = [self.profile.latency(bits, n) / n for n in range(1, top + 1)]
-        best = min(per_image)
-        return next(n for n, cost in enumerate(per_image, start=1) if cost <= slack * best)
+        key = (bits, slack)
+        if key not in self._efficient:
+            top = max(self.snap.max_batch_size, 1)
+            per_image = [self.profile.latency(bits, n) / n for n in range(1, top + 1)]
+            best = min(per_image)
+            self._efficient[key] = next(n for n, cost in enumerate(per_image, start=1) if cost <= slack * best)
+        return self._efficient[key]
 
     # --- batches --------------------------------------------------------------------------------
     def fill(self, queue: Sequence[QueuedRequest], bits: int, max_images: int | None = None) -> list[QueuedRequest]:

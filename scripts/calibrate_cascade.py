@@ -44,7 +44,7 @@ def escalation_bits(model: artifact.Artifact, model_path: Path) -> int:
     floor = accuracy.get(REFERENCE_BITS)
     if floor is None:
         return REFERENCE_BITS
-    good = [b for b in prof.latency.pareto if accuracy.get(b, 0.0) >= floor and b != 32]
+    good = [b for b in prof.latency.pareto if accuracy.get(b, 0.0) >= floor]
     return min(good, key=lambda b: prof.latency.latency(b, 32), default=REFERENCE_BITS)
 
 
