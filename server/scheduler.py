@@ -1,10 +1,13 @@
 """The scheduler: admission, the priority/EDF queue, policy decisions, batching, deadlines, escalation.
 
-Everything here runs on the event loop except ``Engine.run``, which runs on worker threads; the loop never
-blocks on compute. The queue is ordered by priority (1 first), then deadline (earliest first), then arrival.
-At each decision point the active policy gets a ``Snapshot`` and returns a ``Decision``; every field of the
-decision is honoured. Each queued request with a deadline has a timer: if it fires while the request is
-still queued, the request is answered 504 without being computed.
+The event loop admits requests, owns their futures and answers them; worker threads run ``Engine.run``, so
+the loop never blocks on compute. Decisions are taken by whichever thread is there first: the loop when an
+arrival finds a worker free, the worker itself when it finishes a batch with requests waiting (it accounts
+for the batch, decides and starts the next one, and hands the answers to the loop). A lock guards the queue
+and the policy's inputs. The queue is ordered by priority (1 first), then deadline (earliest first), then
+arrival. At each decision point the active policy gets a ``Snapshot`` and returns a ``Decision``; every
+field of the decision is honoured. Each request with a deadline has a timer from admission until it is
+answered: if it fires while the request is still queued, the request is answered 504 without being computed.
 """
 
 from __future__ import annotations
@@ -147,6 +150,17 @@ class SchedulerConfig:
     accuracy: Mapping[int, float] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What one decision did: the batch to run (if any), how long until asking again when none (None: at the
+    next event), and the requests it answered without computing. Taken under the scheduler's lock on any
+    thread; the refusals are settled on the event loop, which owns the futures."""
+
+    job: _Job | None = None
+    wait: float | None = None
+    refused: list[tuple[_Pending, Refused]] = field(default_factory=list)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -164,14 +178,18 @@ class Scheduler:
         self._answer_delay = AnswerDelay()  # from a batch's end to its answers sent, fed by the endpoints
         self._arrival_rate = ArrivalRate()  # images admitted per second, lately
         self._batch_gap = BatchGap()  # engine idle between batches while requests waited
-        self._backlog_end: float | None = None  # set while _finish starts the next batch
         self.config = config
         self.metrics = metrics
         self.power_meter = power_meter
-        self._on_batch = on_batch  # (bits, images, seconds, monotonic end), on the loop: energy accounting
-        self._unrecorded: list[tuple[int, _Result]] = []  # finished batches not yet handed to on_batch
+        self._on_batch = on_batch  # (bits, images, seconds, monotonic end), on the worker: energy accounting
         self._policy = policy
+        # The queue and everything a decision reads or changes. The loop admits and expires requests; a
+        # worker that finishes a batch decides the next one itself, without waiting for the loop: on a
+        # core the loop shares, handing the decision to a busy loop and the batch back to a woken worker
+        # kept the engine idle ~4 ms per batch under load (1-bit batches take 5-15 ms).
+        self._lock = threading.RLock()
         self._queue: list[_Pending] = []
+        self._queued_images = 0
         self._ids = itertools.count(1)
         self._inflight = 0
         self._closing = False
@@ -223,13 +241,16 @@ class Scheduler:
         return len(self._queue)
 
     def set_policy(self, policy: Policy) -> None:
-        """Swap the policy between two decisions (the loop is single-threaded, so this is atomic). Queued
-        requests the new policy can never serve are answered 422 rather than left waiting forever."""
-        self._policy = policy
-        for pending in list(self._queue):
-            if not self._allowed(pending.request):
-                self._remove(pending)
-                self._refuse(pending, self._unservable(pending.request))
+        """Swap the policy between two decisions (under the lock, so this is atomic). Queued requests the
+        new policy can never serve are answered 422 rather than left waiting forever."""
+        refused = []
+        with self._lock:
+            self._policy = policy
+            for pending in list(self._queue):
+                if not self._allowed(pending.request):
+                    self._remove(pending)
+                    refused.append((pending, self._unservable(pending.request)))
+        self._settle(refused)
         self._wake.set()
 
     # --- admission ------------------------------------------------------------------------------
@@ -257,12 +278,17 @@ class Scheduler:
         ``received``: when the request started to arrive (time.monotonic(), the loop's clock); its deadline
         counts from there, so the time spent reading and parsing it is not free."""
         try:
-            return self._admit(images, options, received)
+            with self._lock:
+                pending = self._admit(images, options, received)
         except Refused as refusal:  # refused at admission: counted like a refusal from the queue
             self._count_refusal(refusal)
             raise
+        if pending.request.deadline is not None:
+            pending.timer = self._loop.call_at(pending.request.deadline, self._expire, pending)  # type: ignore[union-attr]
+        self._kick()
+        return pending.future
 
-    def _admit(self, images: np.ndarray, options: RequestOptions, received: float | None) -> asyncio.Future[Outcome]:
+    def _admit(self, images: np.ndarray, options: RequestOptions, received: float | None) -> _Pending:
         assert self._loop is not None, "scheduler not started"
         if self._closing:
             raise Refused(503, "shutdown", "server is shutting down; retry on another replica", retry_after=1)
@@ -300,9 +326,8 @@ class Scheduler:
                 )
         pending = _Pending(req, images, self._loop.create_future(), _order_key(req))
         self._arrival_rate.observe(now, req.size)
-        self._enqueue(pending)
-        self._kick()
-        return pending.future
+        self._insert(pending)
+        return pending
 
     def _profiled(self, bits: int, size: int) -> float:
         try:
@@ -315,7 +340,8 @@ class Scheduler:
         loop's backlog) is time the policies must keep free before every deadline."""
         if outcome.batch_end > 0.0:
             now = time.monotonic()
-            self._answer_delay.observe(now - outcome.batch_end, now)
+            with self._lock:
+                self._answer_delay.observe(now - outcome.batch_end, now)
 
     def _latency(self, bits: int, size: int) -> float:
         """What a batch is expected to take now: the profile, scaled as the policies scale it."""
@@ -323,30 +349,31 @@ class Scheduler:
         return self._profiled(bits, size) * self._latency_scale.value(now) + self._batch_gap.value(now)
 
     def _retry_after(self) -> int:
-        images = sum(p.request.size for p in self._queue)
         per_batch = self._latency(self.config.default_bits, self.config.max_batch_size)
-        return max(1, math.ceil(per_batch * images / self.config.max_batch_size))
+        return max(1, math.ceil(per_batch * self._queued_images / self.config.max_batch_size))
 
-    # --- the queue ------------------------------------------------------------------------------
+    # --- the queue (under the lock) ----------------------------------------------------------
 
-    def _enqueue(self, pending: _Pending) -> None:
-        assert self._loop is not None
+    def _insert(self, pending: _Pending) -> None:
         bisect.insort(self._queue, pending, key=lambda p: p.key)
-        if pending.request.deadline is not None:
-            pending.timer = self._loop.call_at(pending.request.deadline, self._expire, pending)
+        self._queued_images += pending.request.size
 
     def _remove(self, pending: _Pending) -> None:
         self._queue.remove(pending)
-        if pending.timer is not None:
-            pending.timer.cancel()
-            pending.timer = None
+        self._queued_images -= pending.request.size
+
+    # --- answers (on the loop, which owns the futures) -------------------------------------------
 
     def _expire(self, pending: _Pending) -> None:
-        if pending in self._queue:
+        """The request's deadline timer: answered 504 if it is still queued (not if a batch holds it)."""
+        with self._lock:
+            if pending not in self._queue:
+                return
             self._remove(pending)
-            waited = 1e3 * (pending.request.deadline or 0.0) - 1e3 * pending.request.arrival
-            self._refuse(pending, Refused(504, "timeout", f"deadline passed after {waited:.1f} ms in the queue"))
-            self._wake.set()
+        pending.timer = None
+        waited = 1e3 * (pending.request.deadline or 0.0) - 1e3 * pending.request.arrival
+        self._refuse(pending, Refused(504, "timeout", f"deadline passed after {waited:.1f} ms in the queue"))
+        self._wake.set()
 
     def _count_refusal(self, refusal: Refused) -> None:
         outcome = "timeout" if refusal.status == 504 else "rejected"
@@ -356,10 +383,15 @@ class Scheduler:
 
     def _refuse(self, pending: _Pending, refusal: Refused) -> None:
         self._count_refusal(refusal)
+        _stop_timer(pending)
         if not pending.future.done():
             pending.future.set_exception(refusal)
 
-    # --- the loop -------------------------------------------------------------------------------
+    def _settle(self, refused: list[tuple[_Pending, Refused]]) -> None:
+        for pending, refusal in refused:
+            self._refuse(pending, refusal)
+
+    # --- decisions ------------------------------------------------------------------------------
 
     def _kick(self) -> None:
         """Start batches right away while a worker is free, rather than in the loop task one iteration
@@ -417,16 +449,31 @@ class Scheduler:
         return cached[1]
 
     def _dispatch(self) -> float | None:
-        """Ask the policy and start a batch. Returns 0 when a batch started, else how long to wait (None:
-        until the next arrival, finished batch or timer)."""
+        """On the loop: ask the policy and start a batch. Returns 0 when a batch started (or the queue
+        changed and the policy should be asked again), else how long to wait (None: until the next arrival,
+        finished batch or timer)."""
         assert self._loop is not None
-        if self._unrecorded:  # the policy's power state must include every finished batch
-            self.record_energy()
-        now = self._loop.time()
+        with self._lock:
+            plan = self._decide(self._loop.time(), after=None)
+        self._settle(plan.refused)
+        if plan.job is not None:
+            self._jobs.put(plan.job)
+        return plan.wait
+
+    def _decide(self, now: float, after: float | None) -> _Plan:
+        """Under the lock, on any thread: one decision of the policy on the queue of now. ``after``: the end
+        of the batch whose completion this decision follows (its batch waited for that one)."""
+        plan = _Plan()
+        if not self._queue or self._inflight >= self.config.workers:
+            return plan
         for pending in [p for p in self._queue if p.request.deadline is not None and p.request.deadline <= now]:
-            self._expire(pending)  # its timer is due but has not run yet: never start stale work
+            self._remove(pending)  # its timer is due but has not run yet: never start stale work
+            waited = 1e3 * (pending.request.deadline or 0.0) - 1e3 * pending.request.arrival
+            plan.refused.append(
+                (pending, Refused(504, "timeout", f"deadline passed after {waited:.1f} ms in the queue"))
+            )
         if not self._queue:
-            return None
+            return plan
         decision = self._policy.decide(self._snapshot(now))
         by_id = {p.request.id: p for p in self._queue}
         for rid in decision.reject:
@@ -434,38 +481,49 @@ class Scheduler:
                 pending = by_id.pop(rid)
                 self._remove(pending)
                 reason = decision.reason or "its deadline cannot be met"
-                self._refuse(pending, Refused(503, "deadline", f"refused before compute: {reason}", retry_after=1))
+                plan.refused.append(
+                    (pending, Refused(503, "deadline", f"refused before compute: {reason}", retry_after=1))
+                )
         if decision.bits is None:
             if self._closing and self._queue and self._inflight == 0 and decision.wait_until is None:
                 for pending in list(self._queue):  # the policy will serve nothing more and no one will come
                     self._remove(pending)
-                    self._refuse(pending, Refused(503, "shutdown", "server shut down before serving this request"))
-                return 0.0
-            return None if decision.wait_until is None else max(0.0, decision.wait_until - now)
+                    plan.refused.append(
+                        (pending, Refused(503, "shutdown", "server shut down before serving this request"))
+                    )
+                plan.wait = 0.0
+            elif decision.wait_until is not None:
+                plan.wait = max(0.0, decision.wait_until - now)
+            return plan
         bits = decision.bits
         chosen = [by_id[i] for i in decision.requests if i in by_id and by_id[i].request.allows(bits)]
         if not chosen:
             log.warning("policy %s chose bits %s but no queued request that allows it", self._policy.name, bits)
-            return None
+            return plan
         images = sum(p.request.size for p in chosen)
         if self.config.max_queue_delay_s > 0 and images < self.config.max_batch_size and not self._closing:
             ready_at = min(p.request.arrival for p in chosen) + self.config.max_queue_delay_s
             if now < ready_at:
-                return ready_at - now
+                plan.wait = ready_at - now
+                return plan
         for pending in chosen:
             self._remove(pending)
             pending.queue_s += now - pending.request.arrival if not pending.escalated else 0.0
             self.metrics.queue_duration.observe(now - pending.request.arrival)
         self._inflight += 1
-        after, self._backlog_end = self._backlog_end, None
-        self._jobs.put(_Job(chosen, bits, decision, after))
-        return 0.0
+        plan.job = _Job(chosen, bits, decision, after)
+        plan.wait = 0.0
+        return plan
+
+    # --- workers --------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        """A worker thread: run batches; hand each result back to the event loop."""
+        """A worker thread: run a batch; account for it and decide the next one; hand the answers (and
+        the decision's refusals) to the event loop; go on with the next batch at once if there is one."""
         assert self._loop is not None
         yield_to_event_loop()
-        while (job := self._jobs.get()) is not None:
+        job = self._jobs.get()
+        while job is not None:
             started = time.monotonic()
             result: _Result | BaseException
             try:
@@ -474,94 +532,128 @@ class Scheduler:
                     result = replace(result, gap=started - job.after)
             except Exception as exc:
                 result = exc
-            self._loop.call_soon_threadsafe(self._finish, job, result)
+            following, rows, refused, escalated = self._after_batch(job, result)
+            self._loop.call_soon_threadsafe(self._finish, job, result, rows, refused, escalated)
+            job = following if following is not None else self._jobs.get()
 
-    def _finish(self, job: _Job, result: _Result | BaseException) -> None:
-        """On the event loop: answer (or escalate) the batch's requests, then start the next batch."""
-        assert self._loop is not None
-        self._inflight -= 1
-        try:
-            self._answer(job, result)
-        finally:
-            if self._on_batch is not None and not isinstance(result, BaseException):
-                if not self._unrecorded:  # queued behind the answers' wake-ups: runs once they are written
-                    self._loop.call_soon(self.record_energy)
-                self._unrecorded.append((job.bits, result))
-            # a batch started now waited for this one: the time until it starts is the batch gap
-            self._backlog_end = None if isinstance(result, BaseException) else result.end
-            self._kick()  # a decision records the energy first
-            self._backlog_end = None
-            if self._closing:  # the loop task ends once nothing is queued or running
-                self._wake.set()
-
-    def record_energy(self) -> None:
-        """Hand finished batches to the energy accounting (``on_batch``). Deferred from ``_finish`` so that
-        at low load it runs after the answers are written rather than before; every decision and every
-        metrics read calls it first, so none sees the meter without a finished batch."""
-        if self._on_batch is None:
-            return
-        batches, self._unrecorded = self._unrecorded, []
-        for bits, result in batches:
+    def _after_batch(
+        self, job: _Job, result: _Result | BaseException
+    ) -> tuple[_Job | None, list[np.ndarray], list[tuple[_Pending, Refused]], set[int]]:
+        """On the worker, under the lock: what the policy must see before its next decision (the batch's
+        latency, energy and escalations), then that decision. Also each request's rows of the logits."""
+        rows: list[np.ndarray] = []
+        with self._lock:
+            self._inflight -= 1
+            escalated: set[int] = set()
+            after = None
+            if not isinstance(result, BaseException):
+                offsets = np.cumsum([0] + [p.request.size for p in job.batch])
+                rows = [result.logits[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+                self._account(job, result)
+                escalated = self._escalate_unsure(job, result, rows)
+                after = result.end
             try:
-                self._on_batch(bits, int(result.logits.shape[0]), result.seconds, result.end)
+                plan = self._decide(time.monotonic(), after)
+            except Exception:  # the loop asks again (and reports) when it handles this batch
+                log.exception("policy %s failed deciding after a batch", self._policy.name)
+                plan = _Plan()
+        return plan.job, rows, plan.refused, escalated
+
+    def _account(self, job: _Job, result: _Result) -> None:
+        bits, images = job.bits, int(result.logits.shape[0])
+        series = self._series(bits)
+        self._batch_counter(bits, job.decision.reason).inc()
+        series.compute.observe(result.seconds)
+        profiled = self._profiled(bits, images)
+        series.engine_cpu.inc(result.cpu_seconds)
+        series.engine_profiled.inc(profiled)
+        self._latency_scale.observe(result.seconds, profiled, result.end)
+        if result.gap is not None:
+            self.metrics.batch_gap.observe(result.gap)
+            self._batch_gap.observe(result.gap, result.end)
+        series.batch_size.observe(images)
+        series.images.inc(images)
+        self._track_accuracy(bits, images)
+        if self._on_batch is not None:
+            try:
+                self._on_batch(bits, images, result.seconds, result.end)
             except Exception:
                 log.exception("power meter failed to record a batch")
 
-    def _answer(self, job: _Job, result: _Result | BaseException) -> None:
-        batch, bits, reason = job.batch, job.bits, job.decision.reason
-        escalate_below, escalate_to = job.decision.escalate_below, job.decision.escalate_to
+    def _escalate_unsure(self, job: _Job, result: _Result, rows: list[np.ndarray]) -> set[int]:
+        """A cascade decision: re-queue each request's unsure rows as a strict request at ``escalate_to``,
+        keeping arrival, deadline (and its timer) and priority. Returns the ids re-queued."""
+        below, to = job.decision.escalate_below, job.decision.escalate_to
+        if below is None or to is None or to == job.bits:
+            return set()
+        escalated: set[int] = set()
+        for pending, own in zip(job.batch, rows, strict=True):
+            if pending.escalated or not pending.request.allows(to):
+                continue
+            unsure = _top_probability(own) < below
+            if not unsure.any():
+                continue
+            pending.compute_s += result.seconds
+            pending.partial = own.copy()
+            pending.unsure_rows = np.flatnonzero(unsure)
+            pending.images = pending.images[unsure]
+            req = replace(pending.request, preferred_bits=to, strict=True, size=int(unsure.sum()))
+            pending.request = req
+            pending.key = _order_key(req)
+            pending.escalated = True
+            self._insert(pending)
+            escalated.add(req.id)
+        return escalated
+
+    def _finish(
+        self,
+        job: _Job,
+        result: _Result | BaseException,
+        rows: list[np.ndarray],
+        refused: list[tuple[_Pending, Refused]],
+        escalated: set[int],
+    ) -> None:
+        """On the event loop: settle what the worker decided, answer the batch's requests (but the ones
+        re-queued for escalation), then start a batch if the worker did not."""
+        assert self._loop is not None
+        try:
+            self._settle(refused)
+            self._answer(job, result, rows, escalated)
+        finally:
+            self._kick()
+            if self._closing:  # the loop task ends once nothing is queued or running
+                self._wake.set()
+
+    def _answer(self, job: _Job, result: _Result | BaseException, rows: list[np.ndarray], escalated: set[int]) -> None:
+        batch, bits = job.batch, job.bits
         if isinstance(result, BaseException):  # an engine failure is our bug: log it, answer 500, keep serving
             log.error("engine failed at %s bits on a batch of %d requests", bits, len(batch), exc_info=result)
             for pending in batch:
                 self.metrics.requests.labels(outcome="error", bits=bits_label(bits)).inc()
+                _stop_timer(pending)
                 if not pending.future.done():
                     pending.future.set_exception(Refused(500, "error", f"engine failed: {result}"))
             return
-        logits, seconds, end = result.logits, result.seconds, result.end
-        images = int(logits.shape[0])
+        images, seconds, end = int(result.logits.shape[0]), result.seconds, result.end
         series = self._series(bits)
-        self._batch_counter(bits, reason).inc()
-        series.compute.observe(seconds)
-        profiled = self._profiled(bits, images)
-        series.engine_cpu.inc(result.cpu_seconds)
-        series.engine_profiled.inc(profiled)
-        self._latency_scale.observe(seconds, profiled, end)
-        if result.gap is not None:
-            self.metrics.batch_gap.observe(result.gap)
-            self._batch_gap.observe(result.gap, end)
-        series.batch_size.observe(images)
-        series.images.inc(images)
-        self._track_accuracy(bits, images)
-
         done = self._loop.time() if self._loop is not None else time.monotonic()
-        offset = 0
-        for pending in batch:
-            rows = logits[offset : offset + pending.request.size]
-            offset += pending.request.size
+        for pending, own in zip(batch, rows, strict=True):
+            if pending.request.id in escalated:
+                continue
             pending.compute_s += seconds
-            if (
-                escalate_below is not None
-                and escalate_to is not None
-                and not pending.escalated
-                and escalate_to != bits
-                and pending.request.allows(escalate_to)
-            ):
-                unsure = _top_probability(rows) < escalate_below
-                if unsure.any():
-                    self._escalate(pending, escalate_to, rows, unsure)
-                    continue
             if pending.partial is not None and pending.unsure_rows is not None:
                 merged = pending.partial
-                merged[pending.unsure_rows] = rows
-                rows = merged
+                merged[pending.unsure_rows] = own
+                own = merged
             req = pending.request
             series.ok.inc()
             series.duration.observe(done - req.arrival)
             if req.deadline is not None and done > req.deadline:
                 self.metrics.slo_violations.inc()
+            _stop_timer(pending)
             if not pending.future.done():
                 pending.future.set_result(
-                    Outcome(rows, bits, int(1e6 * pending.queue_s), int(1e6 * pending.compute_s), images, end)
+                    Outcome(own, bits, int(1e6 * pending.queue_s), int(1e6 * pending.compute_s), images, end)
                 )
 
     def _series(self, bits: int) -> _BitsSeries:
@@ -578,18 +670,6 @@ class Scheduler:
             self._batch_counters[key] = counter
         return counter
 
-    def _escalate(self, pending: _Pending, bits: int, logits: np.ndarray, unsure: np.ndarray) -> None:
-        """Re-queue the unsure rows as a strict request at ``bits``, keeping arrival, deadline and priority;
-        the answer merges their new logits with the sure rows' (and reports ``bits``)."""
-        pending.partial = logits.copy()
-        pending.unsure_rows = np.flatnonzero(unsure)
-        pending.images = pending.images[unsure]
-        req = replace(pending.request, preferred_bits=bits, strict=True, size=int(unsure.sum()))
-        pending.request = req
-        pending.key = _order_key(req)
-        pending.escalated = True
-        self._enqueue(pending)
-
     def _track_accuracy(self, bits: int, images: int) -> None:
         accuracy = self.config.accuracy.get(bits)
         if accuracy is None:
@@ -598,6 +678,12 @@ class Scheduler:
         prev = self._served_accuracy
         self._served_accuracy = accuracy if prev is None else prev + weight * (accuracy - prev)
         self.metrics.served_accuracy.set(self._served_accuracy)
+
+
+def _stop_timer(pending: _Pending) -> None:
+    if pending.timer is not None:
+        pending.timer.cancel()
+        pending.timer = None
 
 
 def _top_probability(logits: np.ndarray) -> np.ndarray:

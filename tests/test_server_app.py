@@ -345,6 +345,31 @@ def test_the_engine_idle_time_between_batches_is_measured_while_requests_wait() 
     run(test)
 
 
+def test_a_worker_starts_the_next_batch_while_the_event_loop_is_busy() -> None:
+    """The worker that finishes a batch decides and starts the next one itself: an event loop busy with
+    other requests does not leave the engine idle between batches."""
+
+    async def test() -> None:
+        engine = GatedEngine()
+        async with serving(engine, workers=1, max_batch_size=1) as c:
+            engine.gate.clear()
+            first = asyncio.create_task(c.post(INFER, json=body(1)))
+            await wait_for(engine.started.is_set, "the first batch")
+            second = asyncio.create_task(c.post(INFER, json=body(2)))
+            for _ in range(100):
+                if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the second request never showed in apserve_queue_depth")
+            engine.gate.set()
+            time.sleep(0.5)  # the event loop is blocked: only the worker can start the second batch
+            assert [firsts for _, firsts in engine.calls] == [[1], [2]]
+            assert (await first).status_code == 200 and (await second).status_code == 200
+
+    run(test)
+
+
 class WarmedEngine(GatedEngine):
     def __init__(self) -> None:
         super().__init__()
