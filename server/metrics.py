@@ -62,6 +62,12 @@ class Metrics:
             buckets=GAP_BUCKETS,
             registry=r,
         )
+        self.answer_delay = Histogram(
+            "apserve_answer_delay_seconds",
+            "From a batch's end until a request's answer was sent",
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "apserve_batch_size", "Images per batch", ["bits"], buckets=BATCH_BUCKETS, registry=r
         )

@@ -198,6 +198,7 @@ class Scheduler:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._decided_wait: tuple[float | None] | None = None
         self._power_cache: tuple[float, PowerState] | None = None
+        self._unaccounted: list[tuple[_Job, _Result]] = []  # finished batches not yet in the metrics and meters
         self._threads: list[threading.Thread] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -340,6 +341,7 @@ class Scheduler:
         loop's backlog) is time the policies must keep free before every deadline."""
         if outcome.batch_end > 0.0:
             now = time.monotonic()
+            self.metrics.answer_delay.observe(now - outcome.batch_end)
             with self._lock:
                 self._answer_delay.observe(now - outcome.batch_end, now)
 
@@ -466,6 +468,7 @@ class Scheduler:
         plan = _Plan()
         if not self._queue or self._inflight >= self.config.workers:
             return plan
+        self._account_finished()  # the policy sees every finished batch's latency and energy
         for pending in [p for p in self._queue if p.request.deadline is not None and p.request.deadline <= now]:
             self._remove(pending)  # its timer is due but has not run yet: never start stale work
             waited = 1e3 * (pending.request.deadline or 0.0) - 1e3 * pending.request.arrival
@@ -518,8 +521,8 @@ class Scheduler:
     # --- workers --------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        """A worker thread: run a batch; account for it and decide the next one; hand the answers (and
-        the decision's refusals) to the event loop; go on with the next batch at once if there is one."""
+        """A worker thread: run a batch; hand its answers to the event loop; account for it and decide the
+        next one; go on with that batch at once if there is one."""
         assert self._loop is not None
         yield_to_event_loop()
         job = self._jobs.get()
@@ -532,32 +535,50 @@ class Scheduler:
                     result = replace(result, gap=started - job.after)
             except Exception as exc:
                 result = exc
-            following, rows, refused, escalated = self._after_batch(job, result)
-            self._loop.call_soon_threadsafe(self._finish, job, result, rows, refused, escalated)
+            following = self._after_batch(job, result)
             job = following if following is not None else self._jobs.get()
 
-    def _after_batch(
-        self, job: _Job, result: _Result | BaseException
-    ) -> tuple[_Job | None, list[np.ndarray], list[tuple[_Pending, Refused]], set[int]]:
-        """On the worker, under the lock: what the policy must see before its next decision (the batch's
-        latency, energy and escalations), then that decision. Also each request's rows of the logits."""
-        rows: list[np.ndarray] = []
+    def _after_batch(self, job: _Job, result: _Result | BaseException) -> _Job | None:
+        """On the worker, under the lock. With requests waiting: account for the batch (what the policy must
+        see: its latency and energy), decide the next one and hand the answers to the loop. With none: hand
+        the answers over first and leave the accounting to the loop after they are written (at low load it
+        would otherwise hold the GIL the loop needs to answer); every decision and metrics read does any
+        accounting left first."""
+        assert self._loop is not None
         with self._lock:
             self._inflight -= 1
+            rows: list[np.ndarray] = []
             escalated: set[int] = set()
             after = None
             if not isinstance(result, BaseException):
                 offsets = np.cumsum([0] + [p.request.size for p in job.batch])
                 rows = [result.logits[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-                self._account(job, result)
                 escalated = self._escalate_unsure(job, result, rows)
                 after = result.end
-            try:
-                plan = self._decide(time.monotonic(), after)
-            except Exception:  # the loop asks again (and reports) when it handles this batch
-                log.exception("policy %s failed deciding after a batch", self._policy.name)
+                self._unaccounted.append((job, result))
+            if self._queue:
+                try:
+                    plan = self._decide(time.monotonic(), after)
+                except Exception:  # the loop asks again (and reports) when it handles this batch
+                    log.exception("policy %s failed deciding after a batch", self._policy.name)
+                    plan = _Plan()
+            else:
                 plan = _Plan()
-        return plan.job, rows, plan.refused, escalated
+        self._loop.call_soon_threadsafe(self._finish, job, result, rows, escalated)
+        if plan.refused:
+            self._loop.call_soon_threadsafe(self._settle, plan.refused)
+        return plan.job
+
+    def settled(self) -> None:
+        """Account for every finished batch (a metrics read then sees its energy and latency)."""
+        with self._lock:
+            self._account_finished()
+
+    def _account_finished(self) -> None:
+        """Under the lock: the accounting of finished batches not yet done."""
+        batches, self._unaccounted = self._unaccounted, []
+        for job, result in batches:
+            self._account(job, result)
 
     def _account(self, job: _Job, result: _Result) -> None:
         bits, images = job.bits, int(result.logits.shape[0])
@@ -610,15 +631,14 @@ class Scheduler:
         job: _Job,
         result: _Result | BaseException,
         rows: list[np.ndarray],
-        refused: list[tuple[_Pending, Refused]],
         escalated: set[int],
     ) -> None:
-        """On the event loop: settle what the worker decided, answer the batch's requests (but the ones
-        re-queued for escalation), then start a batch if the worker did not."""
+        """On the event loop: answer the batch's requests (but the ones re-queued for escalation), then
+        start a batch if the worker did not."""
         assert self._loop is not None
         try:
-            self._settle(refused)
             self._answer(job, result, rows, escalated)
+            self._loop.call_soon(self.settled)  # behind the answers just released: they are written first
         finally:
             self._kick()
             if self._closing:  # the loop task ends once nothing is queued or running
