@@ -7,8 +7,10 @@
    saturated the same way; the core time not spent in the engine, per answered request, is what HTTP
    costs on the server's core. The simulator takes it (--request-cost-us); the servers measure its
    effect themselves (observed / profiled batch latency, Snapshot.latency_scale). The same run gives the
-   part of the client's latency the server cannot see (reading before the request reaches the app,
-   writing after it, the load generator's own delay): its p90 becomes the ``margin_ms`` of slo and power.
+   server's mean batch gap and answer delay, which the simulator also takes (--batch-gap-us,
+   --answer-delay-us), and the part of the client's latency the server cannot see (reading before the
+   request reaches the app, writing after it, the load generator's own delay): its p90 becomes the
+   ``margin_ms`` of slo and power.
 2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
@@ -32,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,20 +93,31 @@ def closed_loop(out: Path, policy: str, seconds: float, users: int, **kw: Any) -
     return run(opts, progress=False)
 
 
-def engine_seconds_and_answers(url: str) -> tuple[float, float]:
-    """(CPU seconds of the engine's thread in Engine.run, requests answered 200) so far, from the server's
-    /metrics. CPU time rather than the batches' wall time: the event loop preempts the engine's thread on
-    the shared core, and that time is the front end's."""
+SERVER_TOTALS = {
+    "engine_cpu_s": "apserve_engine_cpu_seconds_total",
+    "gap_s": "apserve_batch_gap_seconds_sum",
+    "gaps": "apserve_batch_gap_seconds_count",
+    "answer_delay_s": "apserve_answer_delay_seconds_sum",
+    "answers_timed": "apserve_answer_delay_seconds_count",
+}
+
+
+def server_totals(url: str) -> dict[str, float]:
+    """Totals so far from the server's /metrics: the engine thread's CPU seconds in Engine.run (CPU time
+    rather than the batches' wall time: the event loop preempts the engine's thread on the shared core,
+    and that time is the front end's), requests answered 200, and the sums and counts of the batch gap
+    and the answer delay."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    compute = answered = 0.0
+    totals = dict.fromkeys([*SERVER_TOTALS, "answered"], 0.0)
+    names = {v: k for k, v in SERVER_TOTALS.items()}
     for family in text_string_to_metric_families(get(f"{url}/metrics")[1].decode()):
         for sample in family.samples:
-            if sample.name == "apserve_engine_cpu_seconds_total":
-                compute += sample.value
+            if sample.name in names:
+                totals[names[sample.name]] += sample.value
             elif sample.name == "apserve_requests_total" and sample.labels.get("outcome") == "ok":
-                answered += sample.value
-    return compute, answered
+                totals["answered"] += sample.value
+    return totals
 
 
 def unseen_latency_p90_ms(requests_csv: Path) -> float:
@@ -117,23 +131,37 @@ def unseen_latency_p90_ms(requests_csv: Path) -> float:
     return gaps[int(0.9 * len(gaps))] if gaps else SLO_DEFAULT_MARGIN_MS
 
 
-def request_cost(work: Path, env: dict[str, str], seconds: float) -> tuple[float, float]:
-    """(seconds of the server core's time per answered request outside the engine, p90 ms of the latency
-    the server cannot see), both at saturation (fixed-1, where the engine's share is smallest and the
-    front end's matters most)."""
+@dataclass(frozen=True)
+class FrontEnd:
+    """What the simulator takes from a saturated fixed-1 server (see 1. in the module doc)."""
+
+    cost_s: float  # the server core's time per answered request outside the engine
+    margin_ms: float  # p90 of the latency the server cannot see
+    batch_gap_s: float  # mean engine idle before a batch that followed another
+    answer_delay_s: float  # mean time from a batch's end until an answer was sent
+
+
+def measure_front_end(work: Path, env: dict[str, str], seconds: float) -> FrontEnd:
+    """The front end at saturation (fixed-1, where the engine's share is smallest and the front end's
+    matters most)."""
     server = Server("fixed-1", work / "request-cost-server.log", SERVER_CPU, env)
     try:
         server.wait_ready(120)
         closed_loop(work / "request-cost-warmup", "fixed-1", 3.0, 32, url=server.url, scrape_interval_s=0)
-        compute0, answered0 = engine_seconds_and_answers(server.url)
+        before = server_totals(server.url)
         t0 = time.monotonic()
         closed_loop(work / "request-cost", "fixed-1", seconds, 32, url=server.url, scrape_interval_s=0)
         wall = time.monotonic() - t0
-        compute1, answered1 = engine_seconds_and_answers(server.url)
+        after = server_totals(server.url)
     finally:
         server.stop()
-    cost_s = max(0.0, (wall - (compute1 - compute0)) / max(1.0, answered1 - answered0))
-    return cost_s, round(unseen_latency_p90_ms(work / "request-cost" / "requests.csv"), 1)
+    d = {k: after[k] - before[k] for k in after}
+    return FrontEnd(
+        cost_s=max(0.0, (wall - d["engine_cpu_s"]) / max(1.0, d["answered"])),
+        margin_ms=round(unseen_latency_p90_ms(work / "request-cost" / "requests.csv"), 1),
+        batch_gap_s=d["gap_s"] / d["gaps"] if d["gaps"] else 0.0,
+        answer_delay_s=d["answer_delay_s"] / d["answers_timed"] if d["answers_timed"] else 0.0,
+    )
 
 
 def machine_speed(report: dict[str, Any]) -> MachineSpeed | None:
@@ -152,11 +180,17 @@ def simulate(
     slo_ms: float,
     options: dict[str, Any],
     profile: Path | None,
-    cost_s: float,
+    front: FrontEnd,
     speed: Path | None = None,
 ) -> dict[str, Any]:
     cmd = [str(Path(sys.executable).with_name("apserve")), "simulate", "--trace", str(trace), "--policy", policy]
-    cmd += ["--slo-ms", f"{slo_ms:g}", "--request-cost-us", f"{cost_s * 1e6:.1f}", "--json"]
+    cmd += ["--slo-ms", f"{slo_ms:g}", "--request-cost-us", f"{front.cost_s * 1e6:.1f}", "--json"]
+    cmd += [
+        "--batch-gap-us",
+        f"{front.batch_gap_s * 1e6:.1f}",
+        "--answer-delay-us",
+        f"{front.answer_delay_s * 1e6:.1f}",
+    ]
     if speed is not None:
         cmd += ["--machine-speed", str(speed)]
     if profile is not None:
@@ -283,6 +317,8 @@ def main() -> int:
     ap.add_argument(
         "--margin-ms", type=float, default=None, help="margin_ms of slo and power (default: measured, see 1.)"
     )
+    ap.add_argument("--batch-gap-us", type=float, default=None, help="for the simulator (default: measured)")
+    ap.add_argument("--answer-delay-us", type=float, default=None, help="for the simulator (default: measured)")
     ap.add_argument(
         "--power-budget", type=float, default=None, help="watts (default: idle + 60 %% of fixed-8's draw above idle)"
     )
@@ -317,11 +353,21 @@ def main() -> int:
         capacity = cap["throughput_rps"]
     print(f"fixed-8 capacity: {capacity:.1f} requests/s", file=sys.stderr)
     if args.request_cost_us is None:
-        cost_s, measured_margin_ms = request_cost(args.work, no_deadline, 10.0)
+        front = measure_front_end(args.work, no_deadline, 10.0)
     else:
-        cost_s, measured_margin_ms = args.request_cost_us / 1e6, SLO_DEFAULT_MARGIN_MS
-    margin_ms = args.margin_ms if args.margin_ms is not None else measured_margin_ms
+        front = FrontEnd(args.request_cost_us / 1e6, SLO_DEFAULT_MARGIN_MS, 0.0, 0.0)
+    front = replace(
+        front,
+        batch_gap_s=front.batch_gap_s if args.batch_gap_us is None else args.batch_gap_us / 1e6,
+        answer_delay_s=front.answer_delay_s if args.answer_delay_us is None else args.answer_delay_us / 1e6,
+    )
+    cost_s = front.cost_s
+    margin_ms = args.margin_ms if args.margin_ms is not None else front.margin_ms
     print(f"front-end cost: {cost_s * 1e6:.0f} us per request", file=sys.stderr)
+    print(
+        f"batch gap {front.batch_gap_s * 1e6:.0f} us, answer delay {front.answer_delay_s * 1e6:.0f} us",
+        file=sys.stderr,
+    )
     print(f"latency the server cannot see, p90: {margin_ms:g} ms (margin_ms of slo and power)", file=sys.stderr)
 
     base, peak = 0.5 * capacity, 3 * capacity
@@ -361,12 +407,12 @@ def main() -> int:
         steal_before = cpu_steal_s()
         results[policy] = run(opts, progress=False)
         results[policy]["vm_steal_s"] = {c: cpu_steal_s().get(c, 0.0) - v for c, v in steal_before.items()}
-        sims[policy] = simulate(trace, policy, args.slo_ms, options, profile, cost_s)
+        sims[policy] = simulate(trace, policy, args.slo_ms, options, profile, front)
         speed = machine_speed(results[policy])
         if speed is not None:
             speed_csv = args.work / policy / "machine-speed.csv"
             write_csv(speed_csv, speed)
-            replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, cost_s, speed_csv)
+            replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, front, speed_csv)
             replayed[policy]["machine_speed"] = {"min": min(speed.factors), "max": max(speed.factors)}
 
     overhead = metrics_overhead(args.work, no_deadline, args.overhead_s) if args.overhead_s > 0 else None
@@ -377,6 +423,8 @@ def main() -> int:
         "command": "python bench/experiment_spike.py " + " ".join(sys.argv[1:]),
         "capacity_rps": capacity,
         "request_cost_us": cost_s * 1e6,
+        "batch_gap_us": front.batch_gap_s * 1e6,
+        "answer_delay_us": front.answer_delay_s * 1e6,
         "slo_margin_ms": margin_ms,
         "base_rps": base,
         "peak_rps": peak,
@@ -396,7 +444,8 @@ def main() -> int:
 
     print(
         f"fixed-8 capacity {capacity:.0f} req/s; spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms; "
-        f"front-end cost {cost_s * 1e6:.0f} us per request; slo margin {margin_ms:g} ms"
+        f"front-end cost {cost_s * 1e6:.0f} us per request; batch gap {front.batch_gap_s * 1e6:.0f} us; "
+        f"answer delay {front.answer_delay_s * 1e6:.0f} us; slo margin {margin_ms:g} ms"
     )
     print()
     print(

@@ -17,9 +17,13 @@ seconds of engine time takes L / (1 - that share). The policy sees what batches 
 takes its profiled latency x ``machine_speed.at(t)`` before the front end's share. The energy charged stays
 the profiled one, as the server's power model charges it.
 
-The server's engine also stands idle between batches while the event loop sends the last batch's answers
-(``Snapshot.batch_gap_s``). That is front-end work too, which the model above already charges to the batches
-through the front end's share, so here the gap is 0.
+Two delays of the server that the share above does not cover, both constants measured on a running server
+(``apserve_batch_gap_seconds``, ``apserve_answer_delay_seconds``) and 0 unless given:
+- ``batch_gap_s``: the engine stands idle that long before a batch that follows another while requests
+  wait (the worker accounts for its batch and takes the next decision);
+- ``answer_delay_s``: an answer leaves the server that long after its batch's end (the event loop writes
+  it): a request counts as served then, for its deadline and its latency.
+Both reach the policy as the server's do (``Snapshot.batch_gap_s``, ``Snapshot.answer_delay_s``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.base import (
+    AnswerDelay,
     ArrivalRate,
+    BatchGap,
     Decision,
     LatencyScale,
     Policy,
@@ -68,6 +74,8 @@ class SimConfig:
     cascade: CascadeOutcome | None = None
     request_cost_s: float = 0.0  # front-end CPU per request on the engine's core (see the module doc)
     machine_speed: MachineSpeed | None = None  # None: the machine always runs as profiled
+    batch_gap_s: float = 0.0  # engine idle before a batch that follows another (see the module doc)
+    answer_delay_s: float = 0.0  # from a batch's end until its answers are sent
 
 
 @dataclass
@@ -131,6 +139,8 @@ class _Replica:
         self.wake_at: float | None = None
         self.scale = LatencyScale()
         self.rate = ArrivalRate()  # over the last second; a simulated request is one image
+        self.gap = BatchGap()
+        self.answer_delay = AnswerDelay()
 
     def slowdown(self, now: float, request_cost_s: float) -> float:
         """Engine time -> wall time while the front end takes its share of the core."""
@@ -152,6 +162,8 @@ def simulate(
         raise ValueError(f"max_batch_size must be >= 1, got {config.max_batch_size}")
     if not 0.0 <= config.request_cost_s < 1.0:
         raise ValueError(f"request_cost_s must be in [0, 1) seconds, got {config.request_cost_s}")
+    if not (0.0 <= config.batch_gap_s < 1.0 and 0.0 <= config.answer_delay_s < 1.0):
+        raise ValueError("batch_gap_s and answer_delay_s must be in [0, 1) seconds")
     rng = np.random.default_rng(config.seed)
     latency = profile.latency
     accuracy = profile.accuracy
@@ -186,7 +198,8 @@ def simulate(
             watts_per_core=model.watts_per_core,
         )
 
-    def dispatch(rep: _Replica, now: float) -> None:
+    def dispatch(rep: _Replica, now: float, following: bool = False) -> None:
+        """``following``: the replica has just finished a batch (its next one starts after the gap)."""
         nonlocal rejected, expired, escalated_rows
         if rep.busy_until is not None or not rep.queue:
             return
@@ -209,6 +222,8 @@ def simulate(
             power=power_state(rep, now),
             latency_scale=rep.scale.value(now),
             arrival_rate=rep.rate.value(now),
+            batch_gap_s=rep.gap.value(now),
+            answer_delay_s=rep.answer_delay.value(now),
         )
         decision: Decision = rep.policy.decide(snapshot)
         drop = set(decision.reject)
@@ -244,10 +259,14 @@ def simulate(
         if config.machine_speed is not None:
             engine_s *= config.machine_speed.at(now)
         wall_s = engine_s * rep.slowdown(now, config.request_cost_s)
-        rep.scale.observe(wall_s, profiled_s, now + wall_s)
-        end = now + wall_s
+        start = now + config.batch_gap_s if following else now
+        end = start + wall_s
+        rep.scale.observe(wall_s, profiled_s, end)
+        if following:
+            rep.gap.observe(config.batch_gap_s, end)
+        rep.answer_delay.observe(config.answer_delay_s, end + config.answer_delay_s)
         for req, up in zip(batch, escalate, strict=True):
-            finish[req.id] = end
+            finish[req.id] = end + config.answer_delay_s
             if decision.escalate_to is not None and config.cascade is not None:
                 acc = config.cascade.accuracy_escalated if up else config.cascade.accuracy_kept
                 bits_of[req.id] = decision.escalate_to if up else bits
@@ -255,8 +274,8 @@ def simulate(
                 acc = accuracy.get(bits, np.nan)
                 bits_of[req.id] = bits
             acc_served[req.id] = acc
-        rep.window.add(now, end, busy)
-        rep.segments.append((now, end, busy))
+        rep.window.add(start, end, busy)
+        rep.segments.append((start, end, busy))
         rep.busy_until = end
         push(end, _DONE, rep.index)
 
@@ -282,7 +301,7 @@ def simulate(
         elif kind == _DONE:
             rep = replicas[payload]
             rep.busy_until = None
-            dispatch(rep, now)
+            dispatch(rep, now, following=True)
         else:
             rep = replicas[payload]
             if rep.wake_at is not None and rep.wake_at <= now:

@@ -124,6 +124,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cascade=outcome,
             request_cost_s=args.request_cost_us / 1e6,
             machine_speed=machine_speed.read_csv(args.machine_speed) if args.machine_speed else None,
+            batch_gap_s=args.batch_gap_us / 1e6,
+            answer_delay_s=args.answer_delay_us / 1e6,
         )
         result = simulator.simulate(lambda: build_policy(args.policy, options), trace, prof, config)
     except (profile.ProfileError, traces.TraceError, PolicyError, OSError, TypeError, ValueError) as exc:
@@ -294,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="CSV t_s,factor: how much slower than profiled the machine ran from each time on (replayed)",
+    )
+    p.add_argument(
+        "--batch-gap-us",
+        type=float,
+        default=0.0,
+        help="engine idle before a batch that follows another (a server's apserve_batch_gap_seconds)",
+    )
+    p.add_argument(
+        "--answer-delay-us",
+        type=float,
+        default=0.0,
+        help="from a batch's end until its answers are sent (a server's apserve_answer_delay_seconds)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_simulate)

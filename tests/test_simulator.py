@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from policies.base import AnswerDelay, BatchGap, Decision, Snapshot
+from policies.fixed import FixedPolicy
 from policies.machine_speed import MachineSpeed
 from policies.machine_speed import read_csv as read_speed_csv
 from policies.profile import parse_profile, standin_document
@@ -74,6 +76,33 @@ def test_front_end_cost_slows_batches_and_the_policy_adapts() -> None:
     # (in this 10x slowed world the scale's 2 s half-life is short against the batches: a little below 99 %)
     assert slo_free.slo_attainment >= 0.99 and slo_costly.slo_attainment >= 0.97, slo_costly.as_dict()
     assert slo_costly.served_accuracy < slo_free.served_accuracy
+
+
+def test_answer_delay_counts_toward_latency_and_batch_gap_toward_throughput() -> None:
+    """The server's two delays the front end's share does not cover. An answer leaving 20 ms (x10) after
+    its batch adds exactly that to every latency; an engine idle 80 ms (x10) before each batch that follows
+    another makes fixed 8 bits near capacity fall behind; the policy sees both, as the server's does."""
+    trace = generate("poisson", CAPACITY, seed=3, duration=30.0 * SLOW, load=0.8)
+    base = run("fixed-8", trace)
+    answered = run("fixed-8", trace, dataclasses.replace(CONFIG, answer_delay_s=0.002 * SLOW))
+    assert answered.p50_ms == pytest.approx(base.p50_ms + 2.0 * SLOW)
+    assert answered.energy_j == pytest.approx(base.energy_j)
+    both = dataclasses.replace(CONFIG, batch_gap_s=0.008 * SLOW, answer_delay_s=0.002 * SLOW)
+    assert base.slo_attainment >= 0.99 and run("fixed-8", trace, both).slo_attainment < 0.9
+
+    seen: list[tuple[float, float]] = []
+
+    class Watching:
+        name = "fixed-8"
+
+        def decide(self, snapshot: Snapshot) -> Decision:
+            seen.append((snapshot.batch_gap_s, snapshot.answer_delay_s))
+            return FixedPolicy(8).decide(snapshot)
+
+    simulate(Watching, trace, PROFILE, both)
+    # (bounded as the server bounds them: each observation at most BatchGap.high, AnswerDelay.high)
+    assert seen[0] == (0.0, 0.0) and max(g for g, _ in seen) > 0.5 * BatchGap().high
+    assert max(a for _, a in seen) > 0.5 * AnswerDelay().high
 
 
 def test_a_replayed_machine_slowdown_overloads_fixed_bits_and_slo_moves_down() -> None:
