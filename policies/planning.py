@@ -75,11 +75,12 @@ class Planner:
 
     def efficient_batch(self, bits: int, slack: float = 1.15) -> int:
         """The smallest batch whose time per image is within ``slack`` x the best batch's (up to
-        ``max_batch_size``): below it, a batch spends the core on fixed costs that bigger batches share."""
+        ``max_batch_size``): below it, a batch spends the core on fixed costs that bigger batches share,
+        the engine's own and the server's between batches (``Snapshot.batch_gap_s``)."""
         key = (bits, slack)
         if key not in self._efficient:
             top = max(self.snap.max_batch_size, 1)
-            per_image = [self.profile.latency(bits, n) / n for n in range(1, top + 1)]
+            per_image = [self.latency(bits, n) / n for n in range(1, top + 1)]
             best = min(per_image)
             self._efficient[key] = next(n for n, cost in enumerate(per_image, start=1) if cost <= slack * best)
         return self._efficient[key]

@@ -18,6 +18,7 @@ from policies.base import (
     QueuedRequest,
     Snapshot,
 )
+from policies.planning import Planner
 from policies.profile import standin_profile
 from policies.registry import PolicyError, build_policy, names
 
@@ -124,6 +125,15 @@ def test_slo_in_overload_refuses_a_head_that_cannot_wait_for_an_efficient_batch(
     s = snap([tight, *crowd[:10]], now=0.0)
     decision = checked(build("slo").decide(s), s)
     assert decision.reject == () and decision.requests[0] == 999
+
+
+def test_the_efficient_batch_counts_the_engine_idle_time_before_each_batch() -> None:
+    """1 bit on the stand-in profile: 5 images are within 15 % of the best time per image on the bare
+    profile; when the engine lately stood idle 2 ms before every batch, that is a fixed cost per batch too,
+    and it takes 16 images to share it."""
+    s = snap([req(0)])
+    assert Planner(s).efficient_batch(1) == 5
+    assert Planner(dataclasses.replace(s, batch_gap_s=0.002)).efficient_batch(1) == 16
 
 
 def test_slo_plans_with_the_observed_latency_scale() -> None:
