@@ -47,6 +47,7 @@ from policies.machine_speed import MachineSpeed, write_csv  # noqa: E402
 from policies.slo import SloPolicy  # noqa: E402
 
 SERVER_CPU, LOAD_CPU = "0", "1"
+USERS = 600  # Locust users through the spike: the peak's rate x the slowest replies (~200 ms), and more
 IDLE_W = 5.0  # the server's power model default (APSERVE_POWER_IDLE_W)
 SLO_DEFAULT_MARGIN_MS = SloPolicy.margin_ms  # slo's own default, when nothing is measured
 
@@ -396,7 +397,10 @@ def main() -> int:
             out=args.work / policy,
             base_rps=base,
             peak_rps=peak,
-            user_rps=max(5.0, peak / 100),
+            # enough users that the peak's rate survives its latency (Little's law): a Locust user waits
+            # for its reply, so 100 users at 1,850 requests/s and ~100 ms replies (fixed-8 in overload)
+            # sent a third less than the trace, and later
+            user_rps=peak / USERS,
             slo_mix=f"{args.slo_ms:g}",
             server_cpus=SERVER_CPU,
             load_cpus=LOAD_CPU,
