@@ -104,6 +104,15 @@ async def wait_for(condition: Callable[[], bool], what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def wait_for_one_queued(c: httpx.AsyncClient, what: str) -> None:
+    """Until /metrics shows exactly one request waiting in the queue."""
+    for _ in range(100):
+        if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what} never showed in apserve_queue_depth")
+
+
 # --- protocol over HTTP -----------------------------------------------------------------------------
 
 
@@ -328,12 +337,7 @@ def test_the_engine_idle_time_between_batches_is_measured_while_requests_wait() 
             first = asyncio.create_task(c.post(INFER, json=body(1)))
             await wait_for(engine.started.is_set, "the first batch")
             second = asyncio.create_task(c.post(INFER, json=body(2)))  # waits for the first batch
-            for _ in range(100):
-                if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the second request never showed in apserve_queue_depth")
+            await wait_for_one_queued(c, "the second request")
             engine.gate.set()
             assert (await first).status_code == 200 and (await second).status_code == 200
             text = (await c.get("/metrics")).text
@@ -356,12 +360,7 @@ def test_a_worker_starts_the_next_batch_while_the_event_loop_is_busy() -> None:
             first = asyncio.create_task(c.post(INFER, json=body(1)))
             await wait_for(engine.started.is_set, "the first batch")
             second = asyncio.create_task(c.post(INFER, json=body(2)))
-            for _ in range(100):
-                if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the second request never showed in apserve_queue_depth")
+            await wait_for_one_queued(c, "the second request")
             engine.gate.set()
             time.sleep(0.5)  # the event loop is blocked: only the worker can start the second batch
             assert [firsts for _, firsts in engine.calls] == [[1], [2]]
@@ -429,12 +428,7 @@ def test_every_free_worker_starts_a_batch_at_once() -> None:
         async with serving(engine, workers=2, max_batch_size=1, policy="fixed-8") as c:
             tasks = [asyncio.create_task(c.post(INFER, json=body(i))) for i in (1, 2, 3)]
             await wait_for(lambda: len(engine.calls) == 2, "a batch on each of the two workers")
-            for _ in range(100):  # the third waits in the queue for a worker
-                if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the third request never showed in apserve_queue_depth")
+            await wait_for_one_queued(c, "the third request")  # it waits for a worker
             assert sorted(firsts[0] for _, firsts in engine.calls) == [1, 2]
             engine.gate.set()
             results = await asyncio.gather(*tasks)
@@ -725,10 +719,7 @@ def test_every_finished_batch_reaches_the_energy_accounting() -> None:
             first = asyncio.create_task(c.post(INFER, json=body(1)))
             await wait_for(engine.started.is_set, "first batch to start")
             second = asyncio.create_task(c.post(INFER, json=body(2)))  # queued: a decision follows batch 1
-            for _ in range(100):
-                if "apserve_queue_depth 1.0" in (await c.get("/metrics")).text:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_for_one_queued(c, "the second request")
             engine.gate.set()
             results = await asyncio.gather(first, second)  # batch 2 ends with nothing queued
             text = (await c.get("/metrics")).text  # read at once: no batch may be missing
