@@ -553,7 +553,10 @@ class Scheduler:
             if not isinstance(result, BaseException):
                 offsets = np.cumsum([0] + [p.request.size for p in job.batch])
                 rows = [result.logits[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-                escalated = self._escalate_unsure(job, result, rows)
+                try:
+                    escalated = self._escalate_unsure(job, result, rows)
+                except Exception:  # our bug: answer what the batch computed rather than lose the worker
+                    log.exception("escalating a batch's unsure rows failed")
                 after = result.end
                 self._unaccounted.append((job, result))
             if self._queue:

@@ -421,6 +421,33 @@ def test_full_queue_answers_429_with_retry_after() -> None:
     run(test)
 
 
+class BusyEngine(GatedEngine):
+    """Takes 1 ms per batch with the GIL released, as the native engine does."""
+
+    def run(self, batch: np.ndarray, bits: int) -> np.ndarray:
+        time.sleep(0.001)
+        return super().run(batch, bits)
+
+
+def test_many_requests_each_get_their_own_answer_while_workers_and_the_loop_both_decide() -> None:
+    """200 requests at once against two workers and batches of up to 4: workers decide their next batch
+    while the loop admits more; every request is answered once, with its own row, and nothing is left."""
+
+    async def test() -> None:
+        engine = BusyEngine()
+        async with serving(engine, workers=2, max_batch_size=4, max_queue_size=256, policy="fixed-8") as c:
+            results = await asyncio.gather(*(c.post(INFER, json=body(i % 200)) for i in range(200)))
+            assert [r.status_code for r in results] == [200] * 200
+            assert [r.json()["outputs"][0]["data"][0] for r in results] == [float(i % 200) for i in range(200)]
+            assert sum(len(firsts) for _, firsts in engine.calls) == 200
+            assert max(len(firsts) for _, firsts in engine.calls) > 1  # batches formed under the load
+            text = (await c.get("/metrics")).text
+            assert "apserve_queue_depth 0.0" in text
+            assert 'apserve_requests_total{bits="8",outcome="ok"} 200.0' in text
+
+    run(test)
+
+
 def test_every_free_worker_starts_a_batch_at_once() -> None:
     async def test() -> None:
         engine = GatedEngine()
