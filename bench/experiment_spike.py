@@ -16,8 +16,10 @@
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
    SLO attainment, served accuracy, p50/p99, refused, energy; then `apserve simulate` on the same trace,
    twice: as profiled, and replaying how fast the machine ran during that policy's run (the server's
-   engine CPU time over its profiled time, per 1 s scrape: machine-speed.csv, policies.machine_speed).
-   The first is the prediction; the second separates the model of the server from the VM's speed swings.
+   engine CPU time over its profiled time, per 1 s scrape: machine-speed.csv, policies.machine_speed)
+   with the front end's cost that run measured (the server's CPU time outside the engine per request,
+   process_cpu_seconds_total). The first is the prediction; the second separates the model of the
+   server from the VM's speed swings.
 4. /metrics overhead: fixed-8 saturated with and without a 1 s scrape, alternated on one server; and the
    server's CPU time per scrape (/proc/PID/stat over 200 scrapes).
 
@@ -416,8 +418,12 @@ def main() -> int:
         if speed is not None:
             speed_csv = args.work / policy / "machine-speed.csv"
             write_csv(speed_csv, speed)
-            replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, front, speed_csv)
+            # and the front end's cost as this run measured it (None: a server without process metrics)
+            measured_us = results[policy].get("front_end_us_per_request")
+            as_run = front if measured_us is None else replace(front, cost_s=measured_us / 1e6)
+            replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, as_run, speed_csv)
             replayed[policy]["machine_speed"] = {"min": min(speed.factors), "max": max(speed.factors)}
+            replayed[policy]["front_end_us_per_request"] = as_run.cost_s * 1e6
 
     overhead = metrics_overhead(args.work, no_deadline, args.overhead_s) if args.overhead_s > 0 else None
 
@@ -454,10 +460,11 @@ def main() -> int:
     print()
     print(
         "| policy | SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
-        "| simulated: attainment / accuracy | simulated with the run's machine speed | engine speed, min–max "
+        "| simulated: attainment / accuracy | simulated with the run's machine speed and front-end cost "
+        "| engine speed, min–max | front end µs/request in the run "
         "| VM steal, server / load core |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for policy, r in results.items():
         again = replayed.get(policy, {})
         speed = again.get("machine_speed")
@@ -465,7 +472,7 @@ def main() -> int:
             f"| {policy} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['rejected']} of {r['requests']} | "
             f"{_fmt(r['energy_j'])} | {_sim(sims[policy])} | {_sim(again)} | "
-            f"{_span(speed)} | {_steal(r.get('vm_steal_s', {}))} |"
+            f"{_span(speed)} | {_fmt(r.get('front_end_us_per_request'))} | {_steal(r.get('vm_steal_s', {}))} |"
         )
     if overhead:
         print()

@@ -71,6 +71,7 @@ def summarize(
         "energy_per_request_j": energy / len(ok) if energy is not None and ok else None,
         "max_power_w": max((s["power_watts"] for s in samples if "power_watts" in s), default=None),
         "power_budget_w": samples[-1].get("power_budget_watts") if samples else None,
+        "front_end_us_per_request": _us(front_end_s_per_request(samples[0], samples[-1])) if samples else None,
     }
     summary["timeseries"] = _timeseries(rows, t0, bin_s, accuracy, samples)
     return summary
@@ -131,7 +132,27 @@ def _timeseries(
         series["scrape_engine_speed"] = [None, *(_ratio_of_changes(a, b, cpu, profiled) for a, b in pairs)]
         gaps = [_ratio_of_changes(a, b, "batch_gap_seconds_sum", "batch_gap_seconds_count") for a, b in pairs]
         series["scrape_batch_gap_ms"] = [None, *(None if g is None else 1e3 * g for g in gaps)]
+        costs = [front_end_s_per_request(a, b) for a, b in pairs]
+        series["scrape_front_end_us"] = [None, *(None if c is None else 1e6 * c for c in costs)]
     return series
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else 1e6 * seconds
+
+
+def front_end_s_per_request(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    """The server process's CPU seconds outside Engine.run per request it handled (any outcome) between
+    two scrapes: what the simulator calls the request cost. None without the figures or the requests."""
+    cpu = "process_cpu_seconds_total"
+    if cpu not in before or cpu not in after:
+        return None
+    # counters with labels appear at their first increment: absent is 0
+    requests = after.get("requests_total", 0.0) - before.get("requests_total", 0.0)
+    if requests <= 0:
+        return None
+    engine = after.get("engine_cpu_seconds_total", 0.0) - before.get("engine_cpu_seconds_total", 0.0)
+    return max(0.0, after[cpu] - before[cpu] - engine) / requests
 
 
 def _ratio_of_changes(

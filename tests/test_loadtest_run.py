@@ -55,6 +55,8 @@ def test_loadtest_starts_a_server_and_writes_a_sane_report(tmp_path: Path) -> No
     # the engine's speed against its profile, per scrape interval, from the server's engine counters
     speeds = [v for v in report["timeseries"]["scrape_engine_speed"] if v is not None]
     assert speeds and all(0.0 < v < 20.0 for v in speeds), speeds
+    # and the front end's CPU per request (process_cpu_seconds_total less the engine's): some, under a second
+    assert 0.0 < report["front_end_us_per_request"] < 1e6
     for name in ("latency.png", "bits.png", "throughput.png", "accuracy.png"):
         assert (out / name).read_bytes().startswith(PNG), name
     rows = (out / "requests.csv").read_text().splitlines()
