@@ -316,7 +316,7 @@ class Scheduler:
         if not allowed:
             raise self._unservable(req)
         if req.deadline is not None:
-            fastest = min(self._latency(b, req.size) for b in allowed)
+            fastest = self._latency(min(allowed, key=lambda b: self._profiled(b, req.size)), req.size)
             if now + fastest > req.deadline:
                 raise Refused(
                     503,
@@ -551,8 +551,8 @@ class Scheduler:
             escalated: set[int] = set()
             after = None
             if not isinstance(result, BaseException):
-                offsets = np.cumsum([0] + [p.request.size for p in job.batch])
-                rows = [result.logits[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+                ends = list(itertools.accumulate(p.request.size for p in job.batch))
+                rows = [result.logits[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
                 try:
                     escalated = self._escalate_unsure(job, result, rows)
                 except Exception:  # our bug: answer what the batch computed rather than lose the worker
