@@ -20,6 +20,9 @@
    with the front end's cost that run measured (the server's CPU time outside the engine per request,
    process_cpu_seconds_total). The first is the prediction; the second separates the model of the
    server from the VM's speed swings.
+   With --rounds N, 1. and 3. run N times in turn (the trace stays the one drawn from the first
+   capacity) and the medians of the three attainments per policy are printed beside every round's: on
+   this VM one run of a policy at the peak can land 30 points from the next.
 4. /metrics overhead: fixed-8 saturated with and without a 1 s scrape, alternated on one server; and the
    server's CPU time per scrape (/proc/PID/stat over 200 scrapes).
 
@@ -331,6 +334,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "experiment_spike")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="calibration and policies this many times, alternated; medians"
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -355,8 +361,104 @@ def main() -> int:
         )
         capacity = cap["throughput_rps"]
     print(f"fixed-8 capacity: {capacity:.1f} requests/s", file=sys.stderr)
+    base, peak = 0.5 * capacity, 3 * capacity
+    shape = build_shape("spike", duration_s=args.duration, base_rps=base, peak_rps=peak)
+    trace = args.work / "spike.csv"
+    write_trace(trace, arrivals(shape, seed=args.seed), slo_ms=args.slo_ms)
+
+    rounds: list[Round] = []
+    budget = args.power_budget
+    for r in range(args.rounds):
+        work = args.work if args.rounds == 1 else args.work / f"round-{r + 1}"
+        work.mkdir(parents=True, exist_ok=True)
+        front, margin_ms = calibrate(args, work, no_deadline)
+        one = run_round(args, work, env, trace, (base, peak), profile, front, margin_ms, budget)
+        budget = one.budget_w
+        rounds.append(one)
+        if args.rounds > 1:
+            print(f"round {r + 1} of {args.rounds}:", file=sys.stderr)
+            print_table(one, file=sys.stderr)
+    first = rounds[0]  # the top-level figures and the plots: the first round
+
+    overhead = metrics_overhead(args.work, no_deadline, args.overhead_s) if args.overhead_s > 0 else None
+
+    spike_window = shape.spike_window
+    figures = plots(first.http, args.slo_ms, spike_window, args.docs / "img")
+    summary = {
+        "command": "python bench/experiment_spike.py " + " ".join(sys.argv[1:]),
+        "capacity_rps": capacity,
+        "request_cost_us": first.front.cost_s * 1e6,
+        "batch_gap_us": first.front.batch_gap_s * 1e6,
+        "answer_delay_us": first.front.answer_delay_s * 1e6,
+        "slo_margin_ms": first.margin_ms,
+        "base_rps": base,
+        "peak_rps": peak,
+        "duration_s": args.duration,
+        "slo_ms": args.slo_ms,
+        "power_budget_w": first.budget_w,
+        "profile": str(profile) if profile else "the server's default",
+        "pinning": {"server": f"taskset -c {SERVER_CPU}, 1 engine thread", "locust": f"taskset -c {LOAD_CPU}"},
+        "http": first.as_dict()["http"],
+        "simulated": first.simulated,
+        "simulated_with_machine_speed": first.replayed,
+        "rounds": [one.as_dict() for one in rounds],
+        "metrics_overhead": overhead,
+        "plots": [str(p.relative_to(args.docs)) for p in figures],
+        "wall_s": time.time() - started,
+    }
+    (args.docs / "experiment_spike.json").write_text(json.dumps(summary, indent=1))
+
+    print(
+        f"fixed-8 capacity {capacity:.0f} req/s; spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms"
+    )
+    for i, one in enumerate(rounds, start=1):
+        print()
+        if len(rounds) > 1:
+            print(f"Round {i}:")
+        print_table(one)
+    if len(rounds) > 1:
+        print()
+        print_medians(rounds)
+    if overhead:
+        print()
+        print(
+            f"/metrics overhead: {statistics.median(overhead['rps_without_scrape']):.1f} req/s without scrape, "
+            f"{statistics.median(overhead['rps_with_1s_scrape']):.1f} with a 1 s scrape: "
+            f"{100 * overhead['loss']:.1f} % loss (medians of {len(overhead['rps_without_scrape'])} alternated pairs); "
+            f"one scrape costs the server {overhead['server_cpu_ms_per_scrape']:.2f} ms of CPU, "
+            f"{overhead['server_cpu_ms_per_scrape'] / 10:.2f} % of its core at one scrape a second"
+        )
+    return 0
+
+
+@dataclass
+class Round:
+    """One calibration and one HTTP run of each policy, with its two simulations."""
+
+    front: FrontEnd
+    margin_ms: float
+    budget_w: float | None
+    http: dict[str, dict[str, Any]]
+    simulated: dict[str, dict[str, Any]]
+    replayed: dict[str, dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "request_cost_us": self.front.cost_s * 1e6,
+            "batch_gap_us": self.front.batch_gap_s * 1e6,
+            "answer_delay_us": self.front.answer_delay_s * 1e6,
+            "slo_margin_ms": self.margin_ms,
+            "power_budget_w": self.budget_w,
+            "http": {p: {k: v for k, v in r.items() if k != "timeseries"} for p, r in self.http.items()},
+            "simulated": self.simulated,
+            "simulated_with_machine_speed": self.replayed,
+        }
+
+
+def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> tuple[FrontEnd, float]:
+    """The front end for the simulator and the margin for slo and power: measured (1.), or as given."""
     if args.request_cost_us is None:
-        front = measure_front_end(args.work, no_deadline, 10.0)
+        front = measure_front_end(work, env, 10.0)
     else:
         front = FrontEnd(args.request_cost_us / 1e6, SLO_DEFAULT_MARGIN_MS, 0.0, 0.0)
     front = replace(
@@ -364,24 +466,32 @@ def main() -> int:
         batch_gap_s=front.batch_gap_s if args.batch_gap_us is None else args.batch_gap_us / 1e6,
         answer_delay_s=front.answer_delay_s if args.answer_delay_us is None else args.answer_delay_us / 1e6,
     )
-    cost_s = front.cost_s
     margin_ms = args.margin_ms if args.margin_ms is not None else front.margin_ms
-    print(f"front-end cost: {cost_s * 1e6:.0f} us per request", file=sys.stderr)
     print(
-        f"batch gap {front.batch_gap_s * 1e6:.0f} us, answer delay {front.answer_delay_s * 1e6:.0f} us",
+        f"front end: {front.cost_s * 1e6:.0f} us per request, batch gap {front.batch_gap_s * 1e6:.0f} us, "
+        f"answer delay {front.answer_delay_s * 1e6:.0f} us; margin_ms of slo and power {margin_ms:g}",
         file=sys.stderr,
     )
-    print(f"latency the server cannot see, p90: {margin_ms:g} ms (margin_ms of slo and power)", file=sys.stderr)
+    return front, margin_ms
 
-    base, peak = 0.5 * capacity, 3 * capacity
-    shape = build_shape("spike", duration_s=args.duration, base_rps=base, peak_rps=peak)
-    trace = args.work / "spike.csv"
-    write_trace(trace, arrivals(shape, seed=args.seed), slo_ms=args.slo_ms)
 
+def run_round(
+    args: argparse.Namespace,
+    work: Path,
+    env: dict[str, str],
+    trace: Path,
+    rates: tuple[float, float],
+    profile: Path | None,
+    front: FrontEnd,
+    margin_ms: float,
+    budget: float | None,
+) -> Round:
+    """Each policy on a fresh server through the spike (3.), then simulated twice. ``rates``: the
+    spike's base and peak requests/s (the trace is drawn from the same shape)."""
+    base, peak = rates
     results: dict[str, dict[str, Any]] = {}
     sims: dict[str, dict[str, Any]] = {}
     replayed: dict[str, dict[str, Any]] = {}
-    budget = args.power_budget
     for policy in args.policies.split(","):
         options: dict[str, Any] = {}
         if policy == "power":
@@ -396,7 +506,7 @@ def main() -> int:
             shape="spike",
             policy=policy,
             duration_s=args.duration,
-            out=args.work / policy,
+            out=work / policy,
             base_rps=base,
             peak_rps=peak,
             # enough users that the peak's rate survives its latency (Little's law): a Locust user waits
@@ -416,7 +526,7 @@ def main() -> int:
         sims[policy] = simulate(trace, policy, args.slo_ms, options, profile, front)
         speed = machine_speed(results[policy])
         if speed is not None:
-            speed_csv = args.work / policy / "machine-speed.csv"
+            speed_csv = work / policy / "machine-speed.csv"
             write_csv(speed_csv, speed)
             # and the front end's cost as this run measured it (None: a server without process metrics)
             measured_us = results[policy].get("front_end_us_per_request")
@@ -424,66 +534,57 @@ def main() -> int:
             replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, as_run, speed_csv)
             replayed[policy]["machine_speed"] = {"min": min(speed.factors), "max": max(speed.factors)}
             replayed[policy]["front_end_us_per_request"] = as_run.cost_s * 1e6
+    return Round(front, margin_ms, budget, results, sims, replayed)
 
-    overhead = metrics_overhead(args.work, no_deadline, args.overhead_s) if args.overhead_s > 0 else None
 
-    spike_window = shape.spike_window
-    figures = plots(results, args.slo_ms, spike_window, args.docs / "img")
-    summary = {
-        "command": "python bench/experiment_spike.py " + " ".join(sys.argv[1:]),
-        "capacity_rps": capacity,
-        "request_cost_us": cost_s * 1e6,
-        "batch_gap_us": front.batch_gap_s * 1e6,
-        "answer_delay_us": front.answer_delay_s * 1e6,
-        "slo_margin_ms": margin_ms,
-        "base_rps": base,
-        "peak_rps": peak,
-        "duration_s": args.duration,
-        "slo_ms": args.slo_ms,
-        "power_budget_w": budget,
-        "profile": str(profile) if profile else "the server's default",
-        "pinning": {"server": f"taskset -c {SERVER_CPU}, 1 engine thread", "locust": f"taskset -c {LOAD_CPU}"},
-        "http": {p: {k: v for k, v in r.items() if k != "timeseries"} for p, r in results.items()},
-        "simulated": sims,
-        "simulated_with_machine_speed": replayed,
-        "metrics_overhead": overhead,
-        "plots": [str(p.relative_to(args.docs)) for p in figures],
-        "wall_s": time.time() - started,
-    }
-    (args.docs / "experiment_spike.json").write_text(json.dumps(summary, indent=1))
-
+def print_table(one: Round, file: Any = None) -> None:
+    front = one.front
     print(
-        f"fixed-8 capacity {capacity:.0f} req/s; spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms; "
-        f"front-end cost {cost_s * 1e6:.0f} us per request; batch gap {front.batch_gap_s * 1e6:.0f} us; "
-        f"answer delay {front.answer_delay_s * 1e6:.0f} us; slo margin {margin_ms:g} ms"
+        f"front end {front.cost_s * 1e6:.0f} us per request; batch gap {front.batch_gap_s * 1e6:.0f} us; "
+        f"answer delay {front.answer_delay_s * 1e6:.0f} us; slo margin {one.margin_ms:g} ms; "
+        f"power budget {_fmt(one.budget_w, digits=2)} W",
+        file=file,
     )
-    print()
+    print(file=file)
     print(
         "| policy | SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
         "| simulated: attainment / accuracy | simulated with the run's machine speed and front-end cost "
         "| engine speed, min–max | front end µs/request in the run "
-        "| VM steal, server / load core |"
+        "| VM steal, server / load core |",
+        file=file,
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for policy, r in results.items():
-        again = replayed.get(policy, {})
-        speed = again.get("machine_speed")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", file=file)
+    for policy, r in one.http.items():
+        again = one.replayed.get(policy, {})
         print(
             f"| {policy} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['rejected']} of {r['requests']} | "
-            f"{_fmt(r['energy_j'])} | {_sim(sims[policy])} | {_sim(again)} | "
-            f"{_span(speed)} | {_fmt(r.get('front_end_us_per_request'))} | {_steal(r.get('vm_steal_s', {}))} |"
+            f"{_fmt(r['energy_j'])} | {_sim(one.simulated[policy])} | {_sim(again)} | "
+            f"{_span(again.get('machine_speed'))} | {_fmt(r.get('front_end_us_per_request'))} | "
+            f"{_steal(r.get('vm_steal_s', {}))} |",
+            file=file,
         )
-    if overhead:
-        print()
-        print(
-            f"/metrics overhead: {statistics.median(overhead['rps_without_scrape']):.1f} req/s without scrape, "
-            f"{statistics.median(overhead['rps_with_1s_scrape']):.1f} with a 1 s scrape: "
-            f"{100 * overhead['loss']:.1f} % loss (medians of {len(overhead['rps_without_scrape'])} alternated pairs); "
-            f"one scrape costs the server {overhead['server_cpu_ms_per_scrape']:.2f} ms of CPU, "
-            f"{overhead['server_cpu_ms_per_scrape'] / 10:.2f} % of its core at one scrape a second"
-        )
-    return 0
+
+
+def print_medians(rounds: list[Round]) -> None:
+    """Per policy, the median over rounds of each attainment (and the rounds' values)."""
+    print(f"Medians over {len(rounds)} rounds (each round's values in brackets), SLO attainment %:")
+    print()
+    print("| policy | HTTP | simulated | with the run's machine speed and front-end cost | HTTP − simulated |")
+    print("| --- | --- | --- | --- | --- |")
+    for policy in rounds[0].http:
+        http = [one.http[policy].get("slo_attainment") for one in rounds]
+        sim = [one.simulated[policy].get("slo_attainment") for one in rounds]
+        again = [one.replayed.get(policy, {}).get("slo_attainment") for one in rounds]
+        http_pct, sim_pct, again_pct = ([100 * v for v in vs if v is not None] for vs in (http, sim, again))
+        gap = f"{statistics.median(http_pct) - statistics.median(sim_pct):+.1f}" if http_pct and sim_pct else "n/a"
+        print(f"| {policy} | {_median_cell(http_pct)} | {_median_cell(sim_pct)} | {_median_cell(again_pct)} | {gap} |")
+
+
+def _median_cell(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"{statistics.median(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
 
 
 def _span(speed: dict[str, float] | None) -> str:
