@@ -133,7 +133,7 @@ def _timeseries(
         gaps = [_ratio_of_changes(a, b, "batch_gap_seconds_sum", "batch_gap_seconds_count") for a, b in pairs]
         series["scrape_batch_gap_ms"] = [None, *(None if g is None else 1e3 * g for g in gaps)]
         costs = [front_end_s_per_request(a, b) for a, b in pairs]
-        series["scrape_front_end_us"] = [None, *(None if c is None else 1e6 * c for c in costs)]
+        series["scrape_front_end_us"] = [None, *(_us(c) for c in costs)]
     return series
 
 

@@ -13,8 +13,8 @@ decision (queue already in priority, then earliest-deadline order):
    In overload (step 1 refused someone), the batches must also stay efficient: while a batch of the
    cheapest bits' efficient size (``Planner.efficient_batch``: the smallest batch within 15 % of the best
    time per image, 8 images on the bundled profile; the engine's idle time before each batch,
-   ``Snapshot.batch_gap_s``, counts as a cost of the batch, so a server with a gap batches more) is queued, a head request whose deadline cannot wait
-   for such a batch is refused too. Serving it would take a batch of one or two, and in a sustained
+   ``Snapshot.batch_gap_s``, counts as a cost of the batch, so a server with a gap batches more) is
+   queued, a head request whose deadline cannot wait for such a batch is refused too. Serving it would take a batch of one or two, and in a sustained
    overload those small batches are what loses the throughput the cheapest bits have (simulated spike,
    the bundled profile: batches of 2.4 images on average during the peak, 89.8 % attainment; with this
    rule, see docs/RESULTS.md).

@@ -690,7 +690,7 @@ def _add_v1_routes(app: FastAPI) -> None:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         rt = _runtime(request)
-        rt.scheduler.settled()
+        rt.scheduler.account_finished()
         _update_power(rt)
         return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
 

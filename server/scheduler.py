@@ -373,8 +373,7 @@ class Scheduler:
                 return
             self._remove(pending)
         pending.timer = None
-        waited = 1e3 * (pending.request.deadline or 0.0) - 1e3 * pending.request.arrival
-        self._refuse(pending, Refused(504, "timeout", f"deadline passed after {waited:.1f} ms in the queue"))
+        self._refuse(pending, _timed_out(pending))
         self._wake.set()
 
     def _count_refusal(self, refusal: Refused) -> None:
@@ -471,10 +470,7 @@ class Scheduler:
         self._account_finished()  # the policy sees every finished batch's latency and energy
         for pending in [p for p in self._queue if p.request.deadline is not None and p.request.deadline <= now]:
             self._remove(pending)  # its timer is due but has not run yet: never start stale work
-            waited = 1e3 * (pending.request.deadline or 0.0) - 1e3 * pending.request.arrival
-            plan.refused.append(
-                (pending, Refused(504, "timeout", f"deadline passed after {waited:.1f} ms in the queue"))
-            )
+            plan.refused.append((pending, _timed_out(pending)))
         if not self._queue:
             return plan
         decision = self._policy.decide(self._snapshot(now))
@@ -559,20 +555,17 @@ class Scheduler:
                     log.exception("escalating a batch's unsure rows failed")
                 after = result.end
                 self._unaccounted.append((job, result))
-            if self._queue:
-                try:
-                    plan = self._decide(time.monotonic(), after)
-                except Exception:  # the loop asks again (and reports) when it handles this batch
-                    log.exception("policy %s failed deciding after a batch", self._policy.name)
-                    plan = _Plan()
-            else:
+            try:
+                plan = self._decide(time.monotonic(), after)  # at once when nothing is queued
+            except Exception:  # the loop asks again (and reports) when it handles this batch
+                log.exception("policy %s failed deciding after a batch", self._policy.name)
                 plan = _Plan()
         self._loop.call_soon_threadsafe(self._finish, job, result, rows, escalated)
         if plan.refused:
             self._loop.call_soon_threadsafe(self._settle, plan.refused)
         return plan.job
 
-    def settled(self) -> None:
+    def account_finished(self) -> None:
         """Account for every finished batch (a metrics read then sees its energy and latency)."""
         with self._lock:
             self._account_finished()
@@ -641,7 +634,7 @@ class Scheduler:
         assert self._loop is not None
         try:
             self._answer(job, result, rows, escalated)
-            self._loop.call_soon(self.settled)  # behind the answers just released: they are written first
+            self._loop.call_soon(self.account_finished)  # behind the answers just released: they are written first
         finally:
             self._kick()
             if self._closing:  # the loop task ends once nothing is queued or running
@@ -701,6 +694,11 @@ class Scheduler:
         prev = self._served_accuracy
         self._served_accuracy = accuracy if prev is None else prev + weight * (accuracy - prev)
         self.metrics.served_accuracy.set(self._served_accuracy)
+
+
+def _timed_out(pending: _Pending) -> Refused:
+    waited = 1e3 * (pending.request.deadline or 0.0) - 1e3 * pending.request.arrival
+    return Refused(504, "timeout", f"deadline passed after {waited:.1f} ms in the queue")
 
 
 def _stop_timer(pending: _Pending) -> None:
