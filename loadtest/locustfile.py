@@ -28,6 +28,8 @@ import sys
 import time
 
 import gevent
+import gevent.select
+from geventhttpclient.connectionpool import ConnectionPool
 from locust import FastHttpUser, LoadTestShape, events, task
 
 from loadtest.protocol import IMAGE_BYTES, decode_infer, encode_infer, number_mix, precision_mix, request_parameters
@@ -75,6 +77,25 @@ _log_file = open(ENV["LOADTEST_LOG"], "w", newline="") if ENV.get("LOADTEST_LOG"
 _log = csv.writer(_log_file) if _log_file else None
 if _log:
     _log.writerow(LOG_FIELDS)
+
+
+def _socket_alive(self: ConnectionPool, sock: gevent.socket.socket | None) -> bool:
+    """geventhttpclient's check of an idle pooled connection (open, nothing to read), with poll() in place
+    of its select(): select() raises for descriptors past 1023, which the pool takes for a dead
+    connection, so with a pool of more than ~1,000 users nearly every request opened a new one (measured:
+    7,500 connections for 16,400 requests with 1,800 users, 618 for 16,800 with 600)."""
+    try:
+        if sock is None or sock.fileno() < 0:
+            return False
+        poller = gevent.select.poll()
+        poller.register(sock, gevent.select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False
+
+
+if hasattr(ConnectionPool, "_is_socket_alive"):
+    ConnectionPool._is_socket_alive = _socket_alive  # type: ignore[method-assign]
 
 
 def _outcome(status: int) -> str:

@@ -93,3 +93,40 @@ def test_bad_settings_are_refused_before_anything_starts(tmp_path: Path) -> None
     ]:
         result = loadtest(*args, "--out", str(tmp_path / "x"), timeout=30)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+_POOLED_CONNECTION_CHECK = """
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if hard != resource.RLIM_INFINITY and hard < 1200:
+    sys.exit(3)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+import loadtest.locustfile  # patches the pool's check (and Locust patches sockets for gevent)
+from geventhttpclient.connectionpool import ConnectionPool
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+filler = [socket.socket() for _ in range(1100)]
+client = socket.create_connection(listener.getsockname())
+peer, _ = listener.accept()
+alive = ConnectionPool._is_socket_alive
+print(client.fileno() > 1023, alive(None, client), end=" ")
+peer.sendall(b"x")  # a pooled connection with data to read is not reusable
+__import__("time").sleep(0.05)
+print(alive(None, client), end=" ")
+client.close()
+print(alive(None, client))
+"""
+
+
+def test_pooled_connections_past_descriptor_1023_stay_alive() -> None:
+    """Locust's HTTP pool checks an idle connection with select(), which fails past descriptor 1023: with
+    over ~1,000 users every request then reconnected. The locustfile's check must keep such a connection."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOADTEST_")}
+    result = subprocess.run(
+        [sys.executable, "-c", _POOLED_CONNECTION_CHECK], capture_output=True, text=True, timeout=120, env=env
+    )
+    if result.returncode == 3:
+        pytest.skip("this machine allows fewer than 1,200 open files")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "True", "False", "False"]
