@@ -29,6 +29,7 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -246,9 +247,26 @@ def _refusal_response(refusal: Refused) -> JSONResponse:
 
 
 def _protocol_error_response(rt: Runtime | None, exc: ProtocolError) -> JSONResponse:
+    _count_invalid(rt, exc)
+    return error_response(exc.status, exc.message)
+
+
+def _count_invalid(rt: Runtime | None, exc: ProtocolError) -> None:
     if rt is not None and exc.status not in (404,):
         rt.metrics.requests.labels(outcome="invalid", bits="none").inc()
-    return error_response(exc.status, exc.message)
+
+
+async def _send_response(send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """An answer of the infer endpoint, straight to ASGI: the same bytes a Starlette response would send,
+    without building one (refusals are most of what a server in overload answers)."""
+    head = [(b"content-length", b"%d" % len(content)), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": content})
+
+
+async def _send_error(send: Send, status: int, message: str, retry_after: int | None = None) -> None:
+    headers = [_JSON_CONTENT] if retry_after is None else [(b"retry-after", b"%d" % retry_after), _JSON_CONTENT]
+    await _send_response(send, status, orjson.dumps({"error": message}), headers)
 
 
 async def _receive_body(receive: Receive, declared: str | None, limit: int) -> bytes:
@@ -292,6 +310,8 @@ _TENSOR_SCHEMA = {
 }
 INFER_PATH = "/v2/models/{model_name}/infer"
 _HEADER_LENGTH = HEADER_LENGTH.encode()
+_JSON_CONTENT = (b"content-type", b"application/json")
+_BINARY_CONTENT = (b"content-type", b"application/octet-stream")
 _INFER_PATH_RE = re.compile(r"/v2/models/(?P<model_name>[^/]+)/infer")  # what Starlette compiles INFER_PATH to
 _INFER_OPENAPI = {
     "summary": "Infer (KServe v2, JSON or binary tensors)",
@@ -510,17 +530,17 @@ class _InferEndpoint:
         except ClientDisconnect:
             return  # nobody to answer
         except ProtocolError as exc:
-            await _protocol_error_response(rt, exc)(scope, receive, send)
+            _count_invalid(rt, exc)
+            await _send_error(send, exc.status, exc.message)
             return
         except Refused as exc:
-            await _refusal_response(exc)(scope, receive, send)
+            await _send_error(send, exc.status, exc.message, exc.retry_after)
             return
         except Exception as exc:  # our bug: the same answer as the app's handler for unhandled errors
             log.exception("unhandled error on POST %s", scope["path"])
-            await error_response(500, f"internal error: {type(exc).__name__}")(scope, receive, send)
+            await _send_error(send, 500, f"internal error: {type(exc).__name__}")
             return
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": content})
+        await _send_response(send, 200, content, headers)
         rt.scheduler.answer_sent(outcome)
 
     async def _infer(
@@ -550,8 +570,7 @@ class _InferEndpoint:
         content, extra = encode_infer_response(
             rt.settings.model_name, parsed.id, outcome.logits, params, parsed.binary_output
         )
-        media = b"application/octet-stream" if parsed.binary_output else b"application/json"
-        headers = [(b"content-length", str(len(content)).encode()), (b"content-type", media)]
+        headers = [_BINARY_CONTENT if parsed.binary_output else _JSON_CONTENT]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
         return content, headers, outcome
 

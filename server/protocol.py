@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from policies.base import ALL_BITS, FP32
 
@@ -23,7 +24,6 @@ PIXELS = 784
 CLASSES = 10
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps with options builds one per call
 
 
 class ProtocolError(Exception):
@@ -180,6 +180,16 @@ def _from_json_data(data: Any, datatype: str, count: int) -> np.ndarray:
     return array.astype(np.float32).reshape(-1, PIXELS)
 
 
+def _loads(body: bytes) -> Any:
+    """orjson (4-5 x faster than the standard library here); what it refuses (NaN and 1e400, which some
+    clients send for floats, lone surrogates, broken JSON) is read by the standard library, which accepts
+    the first two, so that the checks below name the problem, and words the errors of the rest."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def parse_infer(body: bytes, header_length: str | None, *, max_batch_size: int, priority_levels: int) -> InferRequest:
     """Parse a v2 infer request body (JSON, or JSON header + binary tensors when ``header_length`` is set)."""
     binary = b""
@@ -194,7 +204,7 @@ def parse_infer(body: bytes, header_length: str | None, *, max_batch_size: int, 
             )
         body, binary = body[:json_length], body[json_length:]
     try:
-        request = json.loads(body)
+        request = _loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
@@ -271,7 +281,7 @@ def encode_infer_response(
     if request_id is not None:
         response["id"] = request_id
     response["parameters"] = parameters
-    header = _COMPACT_JSON.encode(response).encode()
+    header = orjson.dumps(response)
     if not binary:
         return header, {}
     return header + raw, {"Inference-Header-Content-Length": str(len(header))}

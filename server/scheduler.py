@@ -205,6 +205,7 @@ class Scheduler:
         # labelled metric children, looked up once: .labels() costs a few µs per call on the hot path
         self._bits_series: dict[int, _BitsSeries] = {}
         self._batch_counters: dict[tuple[int, str, str], Any] = {}
+        self._refusal_counters: dict[tuple[int, str], tuple[Any, Any]] = {}
         # read at scrape time, not kept per request or per batch
         metrics.queue_depth.set_function(lambda: len(self._queue))
         metrics.latency_scale.set_function(lambda: self._latency_scale.value(time.monotonic()))
@@ -377,10 +378,16 @@ class Scheduler:
         self._wake.set()
 
     def _count_refusal(self, refusal: Refused) -> None:
-        outcome = "timeout" if refusal.status == 504 else "rejected"
-        self.metrics.requests.labels(outcome=outcome, bits="none").inc()
-        if outcome == "rejected":
-            self.metrics.rejections.labels(reason=refusal.reason).inc()
+        key = (refusal.status, refusal.reason)
+        counters = self._refusal_counters.get(key)
+        if counters is None:
+            outcome = "timeout" if refusal.status == 504 else "rejected"
+            requests = self.metrics.requests.labels(outcome=outcome, bits="none")
+            reasons = self.metrics.rejections.labels(reason=refusal.reason) if outcome == "rejected" else None
+            counters = self._refusal_counters[key] = (requests, reasons)
+        counters[0].inc()
+        if counters[1] is not None:
+            counters[1].inc()
 
     def _refuse(self, pending: _Pending, refusal: Refused) -> None:
         self._count_refusal(refusal)
@@ -653,16 +660,17 @@ class Scheduler:
         images, seconds, end = int(result.logits.shape[0]), result.seconds, result.end
         series = self._series(bits)
         done = self._loop.time() if self._loop is not None else time.monotonic()
+        answered = 0
         for pending, own in zip(batch, rows, strict=True):
             if pending.request.id in escalated:
                 continue
+            answered += 1
             pending.compute_s += seconds
             if pending.partial is not None and pending.unsure_rows is not None:
                 merged = pending.partial
                 merged[pending.unsure_rows] = own
                 own = merged
             req = pending.request
-            series.ok.inc()
             series.duration.observe(done - req.arrival)
             if req.deadline is not None and done > req.deadline:
                 self.metrics.slo_violations.inc()
@@ -671,6 +679,7 @@ class Scheduler:
                 pending.future.set_result(
                     Outcome(own, bits, int(1e6 * pending.queue_s), int(1e6 * pending.compute_s), images, end)
                 )
+        series.ok.inc(answered)
 
     def _series(self, bits: int) -> _BitsSeries:
         series = self._bits_series.get(bits)

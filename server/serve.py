@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from model_store.artifact import ArtifactError
 from server.app import Runtime, create_app
 from server.settings import SettingsError, load_settings
+from server.transport import CoalescingHttpToolsProtocol
 
 log = logging.getLogger("apserve.serve")
 
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=None,
+        http=CoalescingHttpToolsProtocol,  # a response in one send (server/transport.py)
     )
     # Everything loaded so far (libraries, the model, warmed sessions) lives as long as the process. Left
     # in the collector's generations, every full collection scans it all: ~50-200 ms on this kind of
