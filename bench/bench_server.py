@@ -8,6 +8,9 @@ Every server runs pinned to one core (``taskset -c SERVER_CPU``), the load clien
 1. Overhead: apserve fixed-8, one connection, one binary 1-image request at a time. Per request,
    overhead = client-observed latency - the engine time the server measured around ``Engine.run``
    (the ``compute_us`` response parameter). Reported: p50 of the overhead, and p50 latency and compute.
+   The client polls its socket rather than sleeping in recv, so that the time its own core takes to
+   wake (0.1-0.3 ms on this VM, bench/bench_loopback.py) is not charged to the server; the same run with
+   the asyncio client, which sleeps, is reported beside it (``*_sleeping_client``).
 2. Throughput: C concurrent keep-alive connections, closed loop, binary 1-image requests, for apserve
    fixed-8, apserve fixed-1 and the baseline (bench/baseline_server.py: FastAPI + onnxruntime int8,
    no batching), all three up at once and loaded in turn for ``--rounds`` rounds of
@@ -15,8 +18,8 @@ Every server runs pinned to one core (``taskset -c SERVER_CPU``), the load clien
    Reported: requests/s over all rounds, per round, and the ratios fixed-8 / baseline (also per round)
    and fixed-1 / fixed-8.
 
-The load client is a small asyncio HTTP/1.1 client on raw sockets (a few µs per request), so it is not
-the bottleneck of a one-core server.
+The saturated load client is a small asyncio HTTP/1.1 client on raw sockets (a few µs per request), so it
+is not the bottleneck of a one-core server.
 
 ``--low-load-only`` runs only (1); ``--floor`` adds the same run against a bare uvicorn ASGI app around
 the same engine and hand-offs, which is what any app on uvicorn pays on this machine. On a machine busy
@@ -97,6 +100,52 @@ async def _one_connection(
         writer.close()
 
 
+def _spin_recv(sock: socket.socket) -> bytes:
+    """recv without ever sleeping: the client's core stays awake (see ``_drive_spinning``)."""
+    while True:
+        try:
+            data = sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        if not data:
+            raise ConnectionError("server closed the connection")
+        return data
+
+
+def _drive_spinning(url: str, duration: float, warmup: float) -> dict[str, Any]:
+    """One request at a time on one connection, the client polling its socket instead of sleeping in
+    recv: on this VM a core that sleeps takes 0.1-0.3 ms to wake (bench/bench_loopback.py: a Python TCP
+    echo round trip between the two cores is 0.1-0.37 ms with a sleeping client, 0.03-0.04 ms with a
+    polling one), and an asyncio client sleeps while the server computes, so its own wake-up was charged
+    to the server."""
+    host, port = url.removeprefix("http://").split(":")
+    request = infer_request(host, int(port))
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    results: list[tuple[int, float, int]] = []
+    buffered = b""
+    measured_from = time.perf_counter() + warmup
+    stop_at = measured_from + duration
+    try:
+        while (start := time.perf_counter()) < stop_at:
+            sock.sendall(request)
+            while b"\r\n\r\n" not in buffered:
+                buffered += _spin_recv(sock)
+            head, _, rest = buffered.partition(b"\r\n\r\n")
+            length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
+            while len(rest) < length:
+                rest += _spin_recv(sock)
+            latency = time.perf_counter() - start
+            body, buffered = rest[:length], rest[length:]
+            status = int(head[9:12])
+            compute_us = int(json.loads(body).get("parameters", {}).get("compute_us", -1)) if status == 200 else -1
+            if start >= measured_from:
+                results.append((status, latency, compute_us))
+    finally:
+        sock.close()
+    return _summary(results, duration, parse=True)
+
+
 async def _drive(url: str, concurrency: int, duration: float, warmup: float, parse: bool) -> dict[str, Any]:
     host, port = url.removeprefix("http://").split(":")
     request = infer_request(host, int(port))
@@ -112,7 +161,10 @@ async def _drive(url: str, concurrency: int, duration: float, warmup: float, par
     await asyncio.gather(
         *(_one_connection(host, int(port), request, start + duration, results, parse) for _ in range(concurrency))
     )
-    elapsed = time.perf_counter() - start
+    return _summary(results, time.perf_counter() - start, parse)
+
+
+def _summary(results: list[tuple[int, float, int]], elapsed: float, parse: bool) -> dict[str, Any]:
     ok = [r for r in results if r[0] == 200]
     latencies = sorted(r[1] for r in ok)
     out: dict[str, Any] = {
@@ -189,7 +241,10 @@ def floor_main(args: argparse.Namespace) -> int:
 
 
 def client_main(args: argparse.Namespace) -> int:
-    result = asyncio.run(_drive(args.client, args.concurrency, args.duration, args.warmup, args.parse))
+    if args.spin:
+        result = _drive_spinning(args.client, args.duration, args.warmup)
+    else:
+        result = asyncio.run(_drive(args.client, args.concurrency, args.duration, args.warmup, args.parse))
     print(json.dumps(result))
     return 0
 
@@ -244,9 +299,12 @@ class Server:
             self.proc.wait()
 
 
-def _load(url: str, cpu: str | None, concurrency: int, duration: float, warmup: float, parse: bool) -> dict[str, Any]:
+def _load(
+    url: str, cpu: str | None, concurrency: int, duration: float, warmup: float, parse: bool, spin: bool = False
+) -> dict[str, Any]:
     argv = [PYTHON, str(Path(__file__).resolve()), "--client", url, "--concurrency", str(concurrency)]
     argv += ["--duration", str(duration), "--warmup", str(warmup)] + (["--parse"] if parse else [])
+    argv += ["--spin"] if spin else []
     out = subprocess.run(_pinned(cpu, argv), capture_output=True, text=True, check=True)
     return dict(json.loads(out.stdout))
 
@@ -270,19 +328,28 @@ def _low_load_line(low: dict[str, Any], what: str = "fixed-8") -> str:
     )
 
 
+def _low_load(report: dict[str, Any], key: str, url: str, args: argparse.Namespace) -> None:
+    """The overhead run twice: with the polling client (``key``, the figure) and with the asyncio client,
+    which sleeps while the server computes (``key``_sleeping_client: the server plus the client's wake-up)."""
+    report[key] = _load(url, args.load_cpu, 1, args.duration, args.warmup, parse=True, spin=True)
+    report[f"{key}_sleeping_client"] = _load(url, args.load_cpu, 1, args.duration, args.warmup, parse=True)
+
+
 def _low_load_report(report: dict[str, Any], args: argparse.Namespace) -> int:
     """--low-load-only: the overhead run, and with --floor the same run against the bare uvicorn app."""
     if args.floor:
         argv = [PYTHON, str(Path(__file__).resolve()), "--floor-server"]
         with Server("floor", argv, {}, args.server_cpu) as floor:
             print("low load, bare uvicorn floor ...", file=sys.stderr)
-            report["low_load_floor"] = _load(floor.url, args.load_cpu, 1, args.duration, args.warmup, parse=True)
+            _low_load(report, "low_load_floor", floor.url, args)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(_low_load_line(report["low_load_fixed8"]))
+        print(_low_load_line(report["low_load_fixed8_sleeping_client"], "fixed-8, sleeping client"))
         if args.floor:
             print(_low_load_line(report["low_load_floor"], "bare uvicorn floor"))
+            print(_low_load_line(report["low_load_floor_sleeping_client"], "floor, sleeping client"))
     return 0
 
 
@@ -306,7 +373,7 @@ def bench_main(args: argparse.Namespace) -> int:
 
     with _apserve("fixed-8", args) as server:
         print("low load, apserve fixed-8 ...", file=sys.stderr)
-        report["low_load_fixed8"] = _load(server.url, args.load_cpu, 1, args.duration, args.warmup, parse=True)
+        _low_load(report, "low_load_fixed8", server.url, args)
         if args.low_load_only:
             return _low_load_report(report, args)
     # The three servers stay up side by side (pinned to the same core; the two idle ones cost nothing)
@@ -352,6 +419,7 @@ def bench_main(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         print(_low_load_line(low))
+        print(_low_load_line(report["low_load_fixed8_sleeping_client"], "fixed-8, sleeping client"))
         for key in ("fixed8", "fixed1", "baseline"):
             row = report[f"saturated_{key}"]
             print(
@@ -380,6 +448,7 @@ def main() -> int:
     parser.add_argument("--port", dest="floor_port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run as the load client
     parser.add_argument("--parse", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)  # internal: the polling client
     args = parser.parse_args()
     if args.floor_server:
         return floor_main(args)

@@ -6,8 +6,9 @@ and two TCP segments per response, and on a VM a second wake-up of the reader. H
 one event-loop step are joined, and sent as soon as the response is complete (uvicorn's
 ``on_response_complete``), or else at the end of that step. A response's two writes happen in the same
 step (nothing awaits between them unless the socket's buffer is full, and then uvicorn waits for it to
-drain, which the joined data also respects). Measured on this VM, refusals (no engine work) went
-from 192 to 148 µs of event-loop CPU per request (docs/PERFORMANCE.md, Server).
+drain, which the joined data also respects). With the rest of session 11's changes, refusals (no
+engine work) went from 180-193 to 127-148 µs of event-loop CPU per request on this VM
+(bench/bench_front_end.py, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
