@@ -15,11 +15,12 @@
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
    SLO attainment, served accuracy, p50/p99, refused, energy; then `apserve simulate` on the same trace,
-   twice: as profiled, and replaying how fast the machine ran during that policy's run (the server's
-   engine CPU time over its profiled time, per 1 s scrape: machine-speed.csv, policies.machine_speed)
-   with the front end's cost that run measured (the server's CPU time outside the engine per request,
-   process_cpu_seconds_total). The first is the prediction; the second separates the model of the
-   server from the VM's speed swings.
+   three times: at the machine speed the calibration (1.) measured just before (its engine CPU time over
+   its profiled time; the prediction), as profiled, and replaying how fast the machine ran during that
+   policy's run (the server's engine CPU time over its profiled time, per 1 s scrape: machine-speed.csv,
+   policies.machine_speed) with the front end's cost that run measured (the server's CPU time outside the
+   engine per request, process_cpu_seconds_total). The first two are predictions, made from what was
+   known before the run; the third separates the model of the server from the VM's speed swings.
    With --rounds N, 1. and 3. run N times in turn (the trace stays the one drawn from the first
    capacity) and the medians of the three attainments per policy are printed beside every round's: on
    this VM one run of a policy at the peak can land 30 points from the next.
@@ -105,6 +106,7 @@ SERVER_TOTALS = {
     "gaps": "apserve_batch_gap_seconds_count",
     "answer_delay_s": "apserve_answer_delay_seconds_sum",
     "answers_timed": "apserve_answer_delay_seconds_count",
+    "engine_profiled_s": "apserve_engine_profiled_seconds_total",
 }
 
 
@@ -145,6 +147,7 @@ class FrontEnd:
     margin_ms: float  # p90 of the latency the server cannot see
     batch_gap_s: float  # mean engine idle before a batch that followed another
     answer_delay_s: float  # mean time from a batch's end until an answer was sent
+    machine_speed: float = 1.0  # the engine's CPU time over its profiled time in the calibration run
 
 
 def measure_front_end(work: Path, env: dict[str, str], seconds: float) -> FrontEnd:
@@ -167,6 +170,7 @@ def measure_front_end(work: Path, env: dict[str, str], seconds: float) -> FrontE
         margin_ms=round(unseen_latency_p90_ms(work / "request-cost" / "requests.csv"), 1),
         batch_gap_s=d["gap_s"] / d["gaps"] if d["gaps"] else 0.0,
         answer_delay_s=d["answer_delay_s"] / d["answers_timed"] if d["answers_timed"] else 0.0,
+        machine_speed=d["engine_cpu_s"] / d["engine_profiled_s"] if d["engine_profiled_s"] > 0 else 1.0,
     )
 
 
@@ -432,7 +436,8 @@ class Round:
     margin_ms: float
     budget_w: float | None
     http: dict[str, dict[str, Any]]
-    simulated: dict[str, dict[str, Any]]
+    simulated: dict[str, dict[str, Any]]  # the prediction: the profile at the calibration's machine speed
+    as_profiled: dict[str, dict[str, Any]]  # the profile as it is (the prediction until session 11)
     replayed: dict[str, dict[str, Any]]
 
     def as_dict(self) -> dict[str, Any]:
@@ -440,10 +445,12 @@ class Round:
             "request_cost_us": self.front.cost_s * 1e6,
             "batch_gap_us": self.front.batch_gap_s * 1e6,
             "answer_delay_us": self.front.answer_delay_s * 1e6,
+            "calibrated_machine_speed": self.front.machine_speed,
             "slo_margin_ms": self.margin_ms,
             "power_budget_w": self.budget_w,
             "http": {p: {k: v for k, v in r.items() if k != "timeseries"} for p, r in self.http.items()},
             "simulated": self.simulated,
+            "simulated_as_profiled": self.as_profiled,
             "simulated_with_machine_speed": self.replayed,
         }
 
@@ -462,7 +469,8 @@ def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> tupl
     margin_ms = args.margin_ms if args.margin_ms is not None else front.margin_ms
     print(
         f"front end: {front.cost_s * 1e6:.0f} us per request, batch gap {front.batch_gap_s * 1e6:.0f} us, "
-        f"answer delay {front.answer_delay_s * 1e6:.0f} us; margin_ms of slo and power {margin_ms:g}",
+        f"answer delay {front.answer_delay_s * 1e6:.0f} us, machine speed {front.machine_speed:.2f} x the "
+        f"profile; margin_ms of slo and power {margin_ms:g}",
         file=sys.stderr,
     )
     return front, margin_ms
@@ -484,7 +492,12 @@ def run_round(
     base, peak = rates
     results: dict[str, dict[str, Any]] = {}
     sims: dict[str, dict[str, Any]] = {}
+    as_profiled: dict[str, dict[str, Any]] = {}
     replayed: dict[str, dict[str, Any]] = {}
+    # The prediction takes the machine's speed as the calibration just measured it: the profile was taken
+    # once, minutes earlier, and this VM's speed moves by half within minutes.
+    calibrated = work / "calibrated-speed.csv"
+    write_csv(calibrated, MachineSpeed((0.0,), (front.machine_speed,)))
     for policy in args.policies.split(","):
         options: dict[str, Any] = {}
         if policy == "power":
@@ -516,7 +529,8 @@ def run_round(
         steal_before = cpu_steal_s()
         results[policy] = run(opts, progress=False)
         results[policy]["vm_steal_s"] = {c: cpu_steal_s().get(c, 0.0) - v for c, v in steal_before.items()}
-        sims[policy] = simulate(trace, policy, args.slo_ms, options, profile, front)
+        sims[policy] = simulate(trace, policy, args.slo_ms, options, profile, front, calibrated)
+        as_profiled[policy] = simulate(trace, policy, args.slo_ms, options, profile, front)
         speed = machine_speed(results[policy])
         if speed is not None:
             speed_csv = work / policy / "machine-speed.csv"
@@ -527,32 +541,34 @@ def run_round(
             replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, as_run, speed_csv)
             replayed[policy]["machine_speed"] = {"min": min(speed.factors), "max": max(speed.factors)}
             replayed[policy]["front_end_us_per_request"] = as_run.cost_s * 1e6
-    return Round(front, margin_ms, budget, results, sims, replayed)
+    return Round(front, margin_ms, budget, results, sims, as_profiled, replayed)
 
 
 def print_table(one: Round, file: Any = None) -> None:
     front = one.front
     print(
         f"front end {front.cost_s * 1e6:.0f} us per request; batch gap {front.batch_gap_s * 1e6:.0f} us; "
-        f"answer delay {front.answer_delay_s * 1e6:.0f} us; slo margin {one.margin_ms:g} ms; "
-        f"power budget {_fmt(one.budget_w, digits=2)} W",
+        f"answer delay {front.answer_delay_s * 1e6:.0f} us; machine speed {front.machine_speed:.2f} x the "
+        f"profile; slo margin {one.margin_ms:g} ms; power budget {_fmt(one.budget_w, digits=2)} W",
         file=file,
     )
     print(file=file)
     print(
         "| policy | SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
-        "| simulated: attainment / accuracy | simulated with the run's machine speed and front-end cost "
+        "| simulated: attainment / accuracy | simulated as profiled "
+        "| simulated with the run's machine speed and front-end cost "
         "| engine speed, min–max | front end µs/request in the run "
         "| VM steal, server / load core |",
         file=file,
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", file=file)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", file=file)
     for policy, r in one.http.items():
         again = one.replayed.get(policy, {})
         print(
             f"| {policy} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['rejected']} of {r['requests']} | "
-            f"{_fmt(r['energy_j'])} | {_sim(one.simulated[policy])} | {_sim(again)} | "
+            f"{_fmt(r['energy_j'])} | {_sim(one.simulated[policy])} | {_sim(one.as_profiled.get(policy, {}))} | "
+            f"{_sim(again)} | "
             f"{_span(again.get('machine_speed'))} | {_fmt(r.get('front_end_us_per_request'))} | "
             f"{_steal(r.get('vm_steal_s', {}))} |",
             file=file,
@@ -563,15 +579,22 @@ def print_medians(rounds: list[Round]) -> None:
     """Per policy, the median over rounds of each attainment (and the rounds' values)."""
     print(f"Medians over {len(rounds)} rounds (each round's values in brackets), SLO attainment %:")
     print()
-    print("| policy | HTTP | simulated | with the run's machine speed and front-end cost | HTTP − simulated |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| policy | HTTP | simulated (the profile at the calibration's machine speed) | simulated as profiled "
+        "| with the run's machine speed and front-end cost | HTTP − simulated |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for policy in rounds[0].http:
-        http = [one.http[policy].get("slo_attainment") for one in rounds]
-        sim = [one.simulated[policy].get("slo_attainment") for one in rounds]
-        again = [one.replayed.get(policy, {}).get("slo_attainment") for one in rounds]
-        http_pct, sim_pct, again_pct = ([100 * v for v in vs if v is not None] for vs in (http, sim, again))
+        columns = [
+            [one.http[policy].get("slo_attainment") for one in rounds],
+            [one.simulated[policy].get("slo_attainment") for one in rounds],
+            [one.as_profiled.get(policy, {}).get("slo_attainment") for one in rounds],
+            [one.replayed.get(policy, {}).get("slo_attainment") for one in rounds],
+        ]
+        http_pct, sim_pct, profiled_pct, again_pct = ([100 * v for v in vs if v is not None] for vs in columns)
         gap = f"{statistics.median(http_pct) - statistics.median(sim_pct):+.1f}" if http_pct and sim_pct else "n/a"
-        print(f"| {policy} | {_median_cell(http_pct)} | {_median_cell(sim_pct)} | {_median_cell(again_pct)} | {gap} |")
+        cells = " | ".join(_median_cell(c) for c in (http_pct, sim_pct, profiled_pct, again_pct))
+        print(f"| {policy} | {cells} | {gap} |")
 
 
 def _median_cell(values: list[float]) -> str:
