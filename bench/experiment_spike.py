@@ -3,14 +3,15 @@
     .venv/bin/python bench/experiment_spike.py            # about 5 minutes; results into docs/
     .venv/bin/python bench/experiment_spike.py --duration 20 --policies fixed-8,slo   # quicker
 
-1. Capacity: fixed-8 saturated by closed-loop Locust users (images/s answered). Front-end cost: fixed-1
-   saturated the same way; the core time not spent in the engine, per answered request, is what HTTP
-   costs on the server's core. The simulator takes it (--request-cost-us); the servers measure its
+1. Capacity: fixed-8 saturated by closed-loop Locust users (images/s answered). Calibration, before
+   each policy's run (3.): fixed-1 saturated the same way for 10 s; the core time not spent in the
+   engine, per answered request, is what HTTP costs on the server's core. The simulator takes it (--request-cost-us); the servers measure its
    effect themselves (observed / profiled batch latency, Snapshot.latency_scale). The same run gives the
    server's mean batch gap and answer delay, which the simulator also takes (--batch-gap-us,
    --answer-delay-us), and the part of the client's latency the server cannot see (reading before the
    request reaches the app, writing after it, the load generator's own delay): its p90 becomes the
-   ``margin_ms`` of slo and power.
+   ``margin_ms`` of slo and power; and the machine's speed then (the engine's CPU time over the profiled
+   time of the same batches).
 2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
@@ -21,9 +22,9 @@
    policies.machine_speed) with the front end's cost that run measured (the server's CPU time outside the
    engine per request, process_cpu_seconds_total). The first two are predictions, made from what was
    known before the run; the third separates the model of the server from the VM's speed swings.
-   With --rounds N, 1. and 3. run N times in turn (the trace stays the one drawn from the first
-   capacity) and the medians of the three attainments per policy are printed beside every round's: on
-   this VM one run of a policy at the peak can land 30 points from the next.
+   With --rounds N, 3. runs N times in turn, calibrations included (the trace stays the one drawn from
+   the first capacity), and the medians of the attainments per policy are printed beside every round's:
+   on this VM one run of a policy at the peak can land 30 points from the next.
 4. /metrics overhead: fixed-8 saturated with and without a 1 s scrape, alternated on one server; and the
    server's CPU time per scrape (/proc/PID/stat over 200 scrapes).
 
@@ -375,8 +376,7 @@ def main() -> int:
     for r in range(args.rounds):
         work = args.work if args.rounds == 1 else args.work / f"round-{r + 1}"
         work.mkdir(parents=True, exist_ok=True)
-        front, margin_ms = calibrate(args, work, no_deadline)
-        one = run_round(args, work, env, trace, (base, peak), profile, front, margin_ms, budget)
+        one = run_round(args, work, (env, no_deadline), trace, (base, peak), profile, budget)
         budget = one.budget_w
         rounds.append(one)
         if args.rounds > 1:
@@ -432,8 +432,7 @@ def main() -> int:
 class Round:
     """One calibration and one HTTP run of each policy, with its two simulations."""
 
-    front: FrontEnd
-    margin_ms: float
+    fronts: dict[str, tuple[FrontEnd, float]]  # per policy: the calibration before its run, and its margin
     budget_w: float | None
     http: dict[str, dict[str, Any]]
     simulated: dict[str, dict[str, Any]]  # the prediction: the profile at the calibration's machine speed
@@ -442,11 +441,16 @@ class Round:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "request_cost_us": self.front.cost_s * 1e6,
-            "batch_gap_us": self.front.batch_gap_s * 1e6,
-            "answer_delay_us": self.front.answer_delay_s * 1e6,
-            "calibrated_machine_speed": self.front.machine_speed,
-            "slo_margin_ms": self.margin_ms,
+            "calibration": {
+                policy: {
+                    "request_cost_us": front.cost_s * 1e6,
+                    "batch_gap_us": front.batch_gap_s * 1e6,
+                    "answer_delay_us": front.answer_delay_s * 1e6,
+                    "machine_speed": front.machine_speed,
+                    "margin_ms": margin_ms,
+                }
+                for policy, (front, margin_ms) in self.fronts.items()
+            },
             "power_budget_w": self.budget_w,
             "http": {p: {k: v for k, v in r.items() if k != "timeseries"} for p, r in self.http.items()},
             "simulated": self.simulated,
@@ -479,26 +483,29 @@ def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> tupl
 def run_round(
     args: argparse.Namespace,
     work: Path,
-    env: dict[str, str],
+    envs: tuple[dict[str, str], dict[str, str]],
     trace: Path,
     rates: tuple[float, float],
     profile: Path | None,
-    front: FrontEnd,
-    margin_ms: float,
     budget: float | None,
 ) -> Round:
-    """Each policy on a fresh server through the spike (3.), then simulated twice. ``rates``: the
-    spike's base and peak requests/s (the trace is drawn from the same shape)."""
+    """Each policy: a calibration (1.), then a fresh server through the spike (3.), then simulated three
+    times. ``envs``: the servers' environment for the spike and for the calibration (no deadline);
+    ``rates``: the spike's base and peak requests/s (the trace is drawn from the same shape)."""
+    env, no_deadline = envs
     base, peak = rates
+    fronts: dict[str, tuple[FrontEnd, float]] = {}
     results: dict[str, dict[str, Any]] = {}
     sims: dict[str, dict[str, Any]] = {}
     as_profiled: dict[str, dict[str, Any]] = {}
     replayed: dict[str, dict[str, Any]] = {}
-    # The prediction takes the machine's speed as the calibration just measured it: the profile was taken
-    # once, minutes earlier, and this VM's speed moves by half within minutes.
-    calibrated = work / "calibrated-speed.csv"
-    write_csv(calibrated, MachineSpeed((0.0,), (front.machine_speed,)))
     for policy in args.policies.split(","):
+        # Calibrated right before the policy's own run: the prediction takes the machine's speed as it was
+        # then, since this VM's speed moves by half within minutes (one calibration per round left a
+        # minute or more between it and the last policies' runs).
+        front, margin_ms = fronts[policy] = calibrate(args, work / f"calibration-{policy}", no_deadline)
+        calibrated = work / f"calibrated-speed-{policy}.csv"
+        write_csv(calibrated, MachineSpeed((0.0,), (front.machine_speed,)))
         options: dict[str, Any] = {}
         if policy == "power":
             if budget is None:
@@ -541,31 +548,31 @@ def run_round(
             replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, as_run, speed_csv)
             replayed[policy]["machine_speed"] = {"min": min(speed.factors), "max": max(speed.factors)}
             replayed[policy]["front_end_us_per_request"] = as_run.cost_s * 1e6
-    return Round(front, margin_ms, budget, results, sims, as_profiled, replayed)
+    return Round(fronts, budget, results, sims, as_profiled, replayed)
 
 
 def print_table(one: Round, file: Any = None) -> None:
-    front = one.front
-    print(
-        f"front end {front.cost_s * 1e6:.0f} us per request; batch gap {front.batch_gap_s * 1e6:.0f} us; "
-        f"answer delay {front.answer_delay_s * 1e6:.0f} us; machine speed {front.machine_speed:.2f} x the "
-        f"profile; slo margin {one.margin_ms:g} ms; power budget {_fmt(one.budget_w, digits=2)} W",
-        file=file,
-    )
+    print(f"power budget {_fmt(one.budget_w, digits=2)} W", file=file)
     print(file=file)
     print(
-        "| policy | SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
+        "| policy | calibration: front end µs/request, gap µs, answer delay µs, machine speed, margin ms "
+        "| SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
         "| simulated: attainment / accuracy | simulated as profiled "
         "| simulated with the run's machine speed and front-end cost "
         "| engine speed, min–max | front end µs/request in the run "
         "| VM steal, server / load core |",
         file=file,
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", file=file)
+    print("| --- " * 14 + "|", file=file)
     for policy, r in one.http.items():
         again = one.replayed.get(policy, {})
+        front, margin_ms = one.fronts[policy]
+        calibration = (
+            f"{front.cost_s * 1e6:.0f}, {front.batch_gap_s * 1e6:.0f}, {front.answer_delay_s * 1e6:.0f}, "
+            f"{front.machine_speed:.2f}, {margin_ms:g}"
+        )
         print(
-            f"| {policy} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "
+            f"| {policy} | {calibration} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['rejected']} of {r['requests']} | "
             f"{_fmt(r['energy_j'])} | {_sim(one.simulated[policy])} | {_sim(one.as_profiled.get(policy, {}))} | "
             f"{_sim(again)} | "
