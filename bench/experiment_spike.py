@@ -461,6 +461,7 @@ class Round:
 
 def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> tuple[FrontEnd, float]:
     """The front end for the simulator and the margin for slo and power: measured (1.), or as given."""
+    work.mkdir(parents=True, exist_ok=True)
     if args.request_cost_us is None:
         front = measure_front_end(work, env, 10.0)
     else:
