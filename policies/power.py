@@ -23,6 +23,7 @@ and the client, who also waits for what the profile does not see (HTTP, the netw
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from policies.base import IDLE, Decision, PowerState, QueuedRequest, Snapshot
@@ -91,7 +92,7 @@ class PowerPolicy:
             return IDLE
         planner = Planner(snapshot, self.margin_ms / 1000.0)
         now = snapshot.now
-        reject = tuple(r.id for r in snapshot.queue if _hopeless(planner, r, now))
+        reject = _hopeless(planner, snapshot.queue, now)
         refused = set(reject)
         queue = [r for r in snapshot.queue if r.id not in refused]
         if not queue:
@@ -121,7 +122,21 @@ class PowerPolicy:
         return cap.wait(now, cheapest, head.size, reject)
 
 
-def _hopeless(planner: Planner, req: QueuedRequest, now: float) -> bool:
-    """Late by its deadline less the margin even if started now, alone, at its cheapest bits."""
-    bits = planner.cheapest(req)
-    return bits is not None and planner.fitting_prefix([req], bits, now) == 0
+def _hopeless(planner: Planner, queue: Sequence[QueuedRequest], now: float) -> tuple[int, ...]:
+    """The requests late by their deadline less the margin even if started now, alone, at their cheapest
+    bits (``Planner.fitting_prefix`` of one request). The server asks at every arrival while the budget
+    holds the engine, over queues of hundreds: the latency is looked up once per kind of request."""
+    alone: dict[tuple[int, int, int | None, bool, int], float | None] = {}
+    hopeless = []
+    for req in queue:
+        if req.deadline is None:
+            continue
+        kind = (req.min_bits, req.max_bits, req.preferred_bits, req.strict, req.size)
+        if kind in alone:
+            latency = alone[kind]
+        else:
+            bits = planner.cheapest(req)
+            latency = alone[kind] = None if bits is None else planner.latency(bits, req.size)
+        if latency is not None and now + latency > req.deadline - planner.margin_s:
+            hopeless.append(req.id)
+    return tuple(hopeless)
