@@ -36,60 +36,21 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.bench_server import MODEL, _free_port, _pinned, _wait_ready  # noqa: E402
+from bench.bench_server import _drive, _free_port, _pinned, _wait_ready, cpu_seconds, infer_request  # noqa: E402
 
 KINDS = ("binary", "json", "refused")
-PIXELS = bytes((i * 37) % 256 for i in range(784))
 
 
 def request_bytes(kind: str, port: int) -> bytes:
-    params = {"timeout": 10} if kind == "refused" else {}
-    if kind == "json":
-        body = json.dumps(
-            {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 784], "data": list(PIXELS)}]}
-        ).encode()
-        extra = ""
-    else:
-        tensor = {"name": "image", "datatype": "UINT8", "shape": [1, 784], "parameters": {"binary_data_size": 784}}
-        header = json.dumps({"inputs": [tensor], "parameters": params}).encode()
-        body, extra = header + PIXELS, f"Inference-Header-Content-Length: {len(header)}\r\n"
-    head = (
-        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/octet-stream\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
+    return infer_request(
+        "127.0.0.1", port, parameters={"timeout": 10} if kind == "refused" else None, json_tensor=kind == "json"
     )
-    return head.encode() + body
-
-
-async def _connection(port: int, request: bytes, stop_at: float, statuses: list[int]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        while time.perf_counter() < stop_at:
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(x[15:]) for x in head.split(b"\r\n") if x[:15].lower() == b"content-length:")
-            await reader.readexactly(length)
-            statuses.append(int(head[9:12]))
-    finally:
-        writer.close()
 
 
 def client_main(port: int, kind: str, connections: int, seconds: float) -> int:
-    statuses: list[int] = []
-    stop_at = time.perf_counter() + seconds
-    request = request_bytes(kind, port)
-
-    async def drive() -> None:
-        await asyncio.gather(*(_connection(port, request, stop_at, statuses) for _ in range(connections)))
-
-    asyncio.run(drive())
-    print(json.dumps({str(s): statuses.count(s) for s in set(statuses)}))
+    url, request = f"http://127.0.0.1:{port}", request_bytes(kind, port)
+    print(json.dumps(asyncio.run(_drive(url, connections, seconds, 0.0, parse=False, request=request))))
     return 0
-
-
-def _cpu_s(pid: int, tid: int | None = None) -> float:
-    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _answered(url: str) -> float:
@@ -112,9 +73,9 @@ def measure(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         warm = args.warmup + args.seconds + 1.0
         load = subprocess.Popen(_pinned(args.load_cpu, [*client, str(warm)]), stdout=subprocess.PIPE, text=True)
         time.sleep(args.warmup)
-        loop0, all0, n0, t0 = _cpu_s(pid, pid), _cpu_s(pid), _answered(url), time.monotonic()
+        loop0, all0, n0, t0 = cpu_seconds(pid, pid), cpu_seconds(pid), _answered(url), time.monotonic()
         time.sleep(args.seconds)
-        loop1, all1, n1, t1 = _cpu_s(pid, pid), _cpu_s(pid), _answered(url), time.monotonic()
+        loop1, all1, n1, t1 = cpu_seconds(pid, pid), cpu_seconds(pid), _answered(url), time.monotonic()
         out, _ = load.communicate(timeout=60)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -124,7 +85,7 @@ def measure(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         "requests_per_s": n / (t1 - t0),
         "loop_cpu_us_per_request": 1e6 * (loop1 - loop0) / n,
         "process_cpu_us_per_request": 1e6 * (all1 - all0) / n,
-        "statuses": json.loads(out),
+        "client": {k: v for k, v in json.loads(out).items() if k in ("requests", "ok")},
     }
 
 
@@ -154,7 +115,7 @@ def main() -> int:
             r = report[kind]
             print(
                 f"{kind:8} {r['requests_per_s']:8.0f} req/s  event loop {r['loop_cpu_us_per_request']:6.1f} us/request"
-                f"  process {r['process_cpu_us_per_request']:7.1f} us/request  {r['statuses']}"
+                f"  process {r['process_cpu_us_per_request']:7.1f} us/request  {r['client']}"
             )
     return 0
 

@@ -53,27 +53,37 @@ MODEL = "fashion-resnet"
 # --- the load client (runs in its own process) -------------------------------------------------------
 
 
-def infer_request(host: str, port: int, images: int = 1) -> bytes:
+def infer_request(
+    host: str, port: int, images: int = 1, parameters: dict[str, Any] | None = None, json_tensor: bool = False
+) -> bytes:
+    """A whole v2 infer request: UINT8 images as a binary tensor, or with ``json_tensor`` as JSON numbers."""
     pixels = bytes((i * 37) % 256 for i in range(784 * images))
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "datatype": "UINT8",
-                    "shape": [images, 784],
-                    "parameters": {"binary_data_size": len(pixels)},
-                }
-            ]
-        }
-    ).encode()
-    body = header + pixels
+    tensor: dict[str, Any] = {"name": "image", "datatype": "UINT8", "shape": [images, 784]}
+    if json_tensor:
+        tensor["data"] = list(pixels)
+    else:
+        tensor["parameters"] = {"binary_data_size": len(pixels)}
+    header = json.dumps({"inputs": [tensor], **({"parameters": parameters} if parameters else {})}).encode()
+    body, extra = (
+        (header, "") if json_tensor else (header + pixels, f"Inference-Header-Content-Length: {len(header)}\r\n")
+    )
     head = (
         f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/octet-stream\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
+
+
+def content_length(head: bytes) -> int:
+    """The Content-Length of a response head (0 without one)."""
+    return next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds so far of a process, or of one of its threads (/proc)."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _one_connection(
@@ -86,11 +96,7 @@ async def _one_connection(
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            body = await reader.readexactly(length)
+            body = await reader.readexactly(content_length(head))
             latency = time.perf_counter() - start
             compute_us = -1
             if parse and status == 200:
@@ -132,7 +138,7 @@ def _drive_spinning(url: str, duration: float, warmup: float) -> dict[str, Any]:
             while b"\r\n\r\n" not in buffered:
                 buffered += _spin_recv(sock)
             head, _, rest = buffered.partition(b"\r\n\r\n")
-            length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
+            length = content_length(head)
             while len(rest) < length:
                 rest += _spin_recv(sock)
             latency = time.perf_counter() - start
@@ -146,9 +152,12 @@ def _drive_spinning(url: str, duration: float, warmup: float) -> dict[str, Any]:
     return _summary(results, duration, parse=True)
 
 
-async def _drive(url: str, concurrency: int, duration: float, warmup: float, parse: bool) -> dict[str, Any]:
+async def _drive(
+    url: str, concurrency: int, duration: float, warmup: float, parse: bool, request: bytes | None = None
+) -> dict[str, Any]:
+    """``concurrency`` connections in a closed loop sending ``request`` (default: one binary image)."""
     host, port = url.removeprefix("http://").split(":")
-    request = infer_request(host, int(port))
+    request = request or infer_request(host, int(port))
     warm: list[tuple[int, float, int]] = []
     await asyncio.gather(
         *(

@@ -48,6 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_server import cpu_seconds  # noqa: E402
 from loadtest.runner import LoadtestOptions, Server, get, run  # noqa: E402
 from loadtest.shapes import arrivals, build_shape, write_trace  # noqa: E402
 from policies.machine_speed import MachineSpeed, write_csv  # noqa: E402
@@ -145,7 +146,7 @@ class FrontEnd:
     """What the simulator takes from a saturated fixed-1 server (see 1. in the module doc)."""
 
     cost_s: float  # the server core's time per answered request outside the engine
-    margin_ms: float  # p90 of the latency the server cannot see
+    margin_ms: float  # slo's and power's margin: the p90 of the latency the server cannot see, or as given
     batch_gap_s: float  # mean engine idle before a batch that followed another
     answer_delay_s: float  # mean time from a batch's end until an answer was sent
     machine_speed: float = 1.0  # the engine's CPU time over its profiled time in the calibration run
@@ -231,10 +232,10 @@ def metrics_overhead(work: Path, env: dict[str, str], seconds: float, pairs: int
                 r = closed_loop(out, "fixed-8", seconds, 32, url=server.url, scrape_interval_s=interval)
                 rates[mode].append(r["throughput_rps"])
         scrapes = 200
-        before = process_cpu_s(server.proc.pid)
+        before = cpu_seconds(server.proc.pid)
         for _ in range(scrapes):
             get(f"{server.url}/metrics")
-        cpu_per_scrape_s = (process_cpu_s(server.proc.pid) - before) / scrapes
+        cpu_per_scrape_s = (cpu_seconds(server.proc.pid) - before) / scrapes
     finally:
         server.stop()
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
@@ -244,12 +245,6 @@ def metrics_overhead(work: Path, env: dict[str, str], seconds: float, pairs: int
         "loss": 1 - on / off,
         "server_cpu_ms_per_scrape": cpu_per_scrape_s * 1e3,
     }
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_steal_s() -> dict[str, float]:
@@ -432,7 +427,7 @@ def main() -> int:
 class Round:
     """One calibration and one HTTP run of each policy, with its two simulations."""
 
-    fronts: dict[str, tuple[FrontEnd, float]]  # per policy: the calibration before its run, and its margin
+    fronts: dict[str, FrontEnd]  # per policy: the calibration before its run
     budget_w: float | None
     http: dict[str, dict[str, Any]]
     simulated: dict[str, dict[str, Any]]  # the prediction: the profile at the calibration's machine speed
@@ -447,9 +442,9 @@ class Round:
                     "batch_gap_us": front.batch_gap_s * 1e6,
                     "answer_delay_us": front.answer_delay_s * 1e6,
                     "machine_speed": front.machine_speed,
-                    "margin_ms": margin_ms,
+                    "margin_ms": front.margin_ms,
                 }
-                for policy, (front, margin_ms) in self.fronts.items()
+                for policy, front in self.fronts.items()
             },
             "power_budget_w": self.budget_w,
             "http": {p: {k: v for k, v in r.items() if k != "timeseries"} for p, r in self.http.items()},
@@ -459,7 +454,7 @@ class Round:
         }
 
 
-def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> tuple[FrontEnd, float]:
+def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> FrontEnd:
     """The front end for the simulator and the margin for slo and power: measured (1.), or as given."""
     work.mkdir(parents=True, exist_ok=True)
     if args.request_cost_us is None:
@@ -470,15 +465,15 @@ def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> tupl
         front,
         batch_gap_s=front.batch_gap_s if args.batch_gap_us is None else args.batch_gap_us / 1e6,
         answer_delay_s=front.answer_delay_s if args.answer_delay_us is None else args.answer_delay_us / 1e6,
+        margin_ms=front.margin_ms if args.margin_ms is None else args.margin_ms,
     )
-    margin_ms = args.margin_ms if args.margin_ms is not None else front.margin_ms
     print(
         f"front end: {front.cost_s * 1e6:.0f} us per request, batch gap {front.batch_gap_s * 1e6:.0f} us, "
         f"answer delay {front.answer_delay_s * 1e6:.0f} us, machine speed {front.machine_speed:.2f} x the "
-        f"profile; margin_ms of slo and power {margin_ms:g}",
+        f"profile; margin_ms of slo and power {front.margin_ms:g}",
         file=sys.stderr,
     )
-    return front, margin_ms
+    return front
 
 
 def run_round(
@@ -495,7 +490,7 @@ def run_round(
     ``rates``: the spike's base and peak requests/s (the trace is drawn from the same shape)."""
     env, no_deadline = envs
     base, peak = rates
-    fronts: dict[str, tuple[FrontEnd, float]] = {}
+    fronts: dict[str, FrontEnd] = {}
     results: dict[str, dict[str, Any]] = {}
     sims: dict[str, dict[str, Any]] = {}
     as_profiled: dict[str, dict[str, Any]] = {}
@@ -504,7 +499,7 @@ def run_round(
         # Calibrated right before the policy's own run: the prediction takes the machine's speed as it was
         # then, since this VM's speed moves by half within minutes (one calibration per round left a
         # minute or more between it and the last policies' runs).
-        front, margin_ms = fronts[policy] = calibrate(args, work / f"calibration-{policy}", no_deadline)
+        front = fronts[policy] = calibrate(args, work / f"calibration-{policy}", no_deadline)
         calibrated = work / f"calibrated-speed-{policy}.csv"
         write_csv(calibrated, MachineSpeed((0.0,), (front.machine_speed,)))
         options: dict[str, Any] = {}
@@ -513,9 +508,9 @@ def run_round(
                 # idle + 60 % of what fixed-8 drew above idle at its peak: a budget that binds in the spike
                 drawn = results.get("fixed-8", {}).get("max_power_w")
                 budget = round(IDLE_W + 0.6 * (drawn - IDLE_W), 2) if drawn and drawn > IDLE_W else IDLE_W + 5.0
-            options = {"budget_w": budget, "margin_ms": margin_ms}
+            options = {"budget_w": budget, "margin_ms": front.margin_ms}
         elif policy == "slo":
-            options = {"margin_ms": margin_ms}
+            options = {"margin_ms": front.margin_ms}
         opts = LoadtestOptions(
             shape="spike",
             policy=policy,
@@ -567,10 +562,10 @@ def print_table(one: Round, file: Any = None) -> None:
     print("| --- " * 14 + "|", file=file)
     for policy, r in one.http.items():
         again = one.replayed.get(policy, {})
-        front, margin_ms = one.fronts[policy]
+        front = one.fronts[policy]
         calibration = (
             f"{front.cost_s * 1e6:.0f}, {front.batch_gap_s * 1e6:.0f}, {front.answer_delay_s * 1e6:.0f}, "
-            f"{front.machine_speed:.2f}, {margin_ms:g}"
+            f"{front.machine_speed:.2f}, {front.margin_ms:g}"
         )
         print(
             f"| {policy} | {calibration} | {_fmt(r['slo_attainment'], 100)} % | {_fmt(r['served_accuracy'], 100, 2)} % | "

@@ -27,7 +27,7 @@ class Planner:
         self.profiled = set(self.profile.bits)
         self.pareto = tuple(b for b in self.profile.pareto if b in self.profiled)
         self._cands: dict[tuple[int, int, int | None, bool], tuple[int, ...]] = {}
-        self._cheapest: dict[tuple[int, int, int | None, bool, int], int | None] = {}
+        self._cheapest: dict[tuple[int, int, int | None, bool, int], tuple[int | None, float | None]] = {}
         self._info: dict[int, tuple[list[float] | None, float, int]] = {}
         self._rows: dict[int, list[float]] = {}
         self._efficient: dict[tuple[int, float], int] = {}
@@ -67,11 +67,20 @@ class Planner:
         return result
 
     def cheapest(self, req: QueuedRequest) -> int | None:
+        return self._cheapest_alone(req)[0]
+
+    def alone(self, req: QueuedRequest) -> float | None:
+        """How long ``req`` takes run alone at its cheapest bits (None: no bits allowed)."""
+        return self._cheapest_alone(req)[1]
+
+    def _cheapest_alone(self, req: QueuedRequest) -> tuple[int | None, float | None]:
         kind = (req.min_bits, req.max_bits, req.preferred_bits, req.strict, req.size)
-        if kind not in self._cheapest:
+        found = self._cheapest.get(kind)
+        if found is None:
             cands = self.candidates(req)
-            self._cheapest[kind] = min(cands, key=lambda b: (self.latency(b, req.size), b)) if cands else None
-        return self._cheapest[kind]
+            bits = min(cands, key=lambda b: (self.latency(b, req.size), b)) if cands else None
+            found = self._cheapest[kind] = (bits, None if bits is None else self.latency(bits, req.size))
+        return found
 
     def efficient_batch(self, bits: int, slack: float = 1.15) -> int:
         """The smallest batch whose time per image is within ``slack`` x the best batch's (up to

@@ -124,19 +124,13 @@ class PowerPolicy:
 
 def _hopeless(planner: Planner, queue: Sequence[QueuedRequest], now: float) -> tuple[int, ...]:
     """The requests late by their deadline less the margin even if started now, alone, at their cheapest
-    bits (``Planner.fitting_prefix`` of one request). The server asks at every arrival while the budget
-    holds the engine, over queues of hundreds: the latency is looked up once per kind of request."""
-    alone: dict[tuple[int, int, int | None, bool, int], float | None] = {}
+    bits (``Planner.fitting_prefix`` of one request, without its loop: the server asks at every arrival
+    while the budget holds the engine, over queues of hundreds)."""
     hopeless = []
     for req in queue:
         if req.deadline is None:
             continue
-        kind = (req.min_bits, req.max_bits, req.preferred_bits, req.strict, req.size)
-        if kind in alone:
-            latency = alone[kind]
-        else:
-            bits = planner.cheapest(req)
-            latency = alone[kind] = None if bits is None else planner.latency(bits, req.size)
+        latency = planner.alone(req)
         if latency is not None and now + latency > req.deadline - planner.margin_s:
             hopeless.append(req.id)
     return tuple(hopeless)
