@@ -109,6 +109,8 @@ SERVER_TOTALS = {
     "answer_delay_s": "apserve_answer_delay_seconds_sum",
     "answers_timed": "apserve_answer_delay_seconds_count",
     "engine_profiled_s": "apserve_engine_profiled_seconds_total",
+    "worker_cpu_s": "apserve_worker_cpu_seconds_total",
+    "batches": "apserve_batches_total",
 }
 
 
@@ -145,11 +147,12 @@ def unseen_latency_p90_ms(requests_csv: Path) -> float:
 class FrontEnd:
     """What the simulator takes from a saturated fixed-1 server (see 1. in the module doc)."""
 
-    cost_s: float  # the server core's time per answered request outside the engine
+    cost_s: float  # the server core's time per answered request outside the engine and the worker's own work
     margin_ms: float  # slo's and power's margin: the p90 of the latency the server cannot see, or as given
     batch_gap_s: float  # mean engine idle before a batch that followed another
     answer_delay_s: float  # mean time from a batch's end until an answer was sent
     machine_speed: float = 1.0  # the engine's CPU time over its profiled time in the calibration run
+    batch_cost_s: float = 0.0  # the worker's CPU time outside Engine.run per batch
 
 
 def measure_front_end(work: Path, env: dict[str, str], seconds: float) -> FrontEnd:
@@ -168,7 +171,8 @@ def measure_front_end(work: Path, env: dict[str, str], seconds: float) -> FrontE
         server.stop()
     d = {k: after[k] - before[k] for k in after}
     return FrontEnd(
-        cost_s=max(0.0, (wall - d["engine_cpu_s"]) / max(1.0, d["answered"])),
+        cost_s=max(0.0, (wall - d["engine_cpu_s"] - d["worker_cpu_s"]) / max(1.0, d["answered"])),
+        batch_cost_s=d["worker_cpu_s"] / d["batches"] if d["batches"] else 0.0,
         margin_ms=round(unseen_latency_p90_ms(work / "request-cost" / "requests.csv"), 1),
         batch_gap_s=d["gap_s"] / d["gaps"] if d["gaps"] else 0.0,
         answer_delay_s=d["answer_delay_s"] / d["answers_timed"] if d["answers_timed"] else 0.0,
@@ -197,6 +201,7 @@ def simulate(
 ) -> dict[str, Any]:
     cmd = [str(Path(sys.executable).with_name("apserve")), "simulate", "--trace", str(trace), "--policy", policy]
     cmd += ["--slo-ms", f"{slo_ms:g}", "--request-cost-us", f"{front.cost_s * 1e6:.1f}", "--json"]
+    cmd += ["--batch-cost-us", f"{front.batch_cost_s * 1e6:.1f}"]
     cmd += [
         "--batch-gap-us",
         f"{front.batch_gap_s * 1e6:.1f}",
@@ -439,6 +444,7 @@ class Round:
             "calibration": {
                 policy: {
                     "request_cost_us": front.cost_s * 1e6,
+                    "batch_cost_us": front.batch_cost_s * 1e6,
                     "batch_gap_us": front.batch_gap_s * 1e6,
                     "answer_delay_us": front.answer_delay_s * 1e6,
                     "machine_speed": front.machine_speed,
@@ -468,7 +474,8 @@ def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> Fron
         margin_ms=front.margin_ms if args.margin_ms is None else args.margin_ms,
     )
     print(
-        f"front end: {front.cost_s * 1e6:.0f} us per request, batch gap {front.batch_gap_s * 1e6:.0f} us, "
+        f"front end: {front.cost_s * 1e6:.0f} us per request and {front.batch_cost_s * 1e6:.0f} us per batch, "
+        f"batch gap {front.batch_gap_s * 1e6:.0f} us, "
         f"answer delay {front.answer_delay_s * 1e6:.0f} us, machine speed {front.machine_speed:.2f} x the "
         f"profile; margin_ms of slo and power {front.margin_ms:g}",
         file=sys.stderr,
@@ -539,11 +546,13 @@ def run_round(
             speed_csv = work / policy / "machine-speed.csv"
             write_csv(speed_csv, speed)
             # and the front end's cost as this run measured it (None: a server without process metrics)
-            measured_us = results[policy].get("front_end_us_per_request")
-            as_run = front if measured_us is None else replace(front, cost_s=measured_us / 1e6)
+            split = results[policy].get("front_end_split_us")
+            as_run = front
+            if split is not None:
+                as_run = replace(front, cost_s=split["per_request"] / 1e6, batch_cost_s=split["per_batch"] / 1e6)
             replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, as_run, speed_csv)
             replayed[policy]["machine_speed"] = {"min": min(speed.factors), "max": max(speed.factors)}
-            replayed[policy]["front_end_us_per_request"] = as_run.cost_s * 1e6
+            replayed[policy]["front_end_split_us"] = split
     return Round(fronts, budget, results, sims, as_profiled, replayed)
 
 
@@ -551,11 +560,11 @@ def print_table(one: Round, file: Any = None) -> None:
     print(f"power budget {_fmt(one.budget_w, digits=2)} W", file=file)
     print(file=file)
     print(
-        "| policy | calibration: front end µs/request, gap µs, answer delay µs, machine speed, margin ms "
+        "| policy | calibration: front end µs/request, µs/batch, gap µs, answer delay µs, machine speed, margin ms "
         "| SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
         "| simulated: attainment / accuracy | simulated as profiled "
         "| simulated with the run's machine speed and front-end cost "
-        "| engine speed, min–max | front end µs/request in the run "
+        "| engine speed, min–max | front end in the run: µs/request (all), µs/request + µs/batch "
         "| VM steal, server / load core |",
         file=file,
     )
@@ -564,7 +573,8 @@ def print_table(one: Round, file: Any = None) -> None:
         again = one.replayed.get(policy, {})
         front = one.fronts[policy]
         calibration = (
-            f"{front.cost_s * 1e6:.0f}, {front.batch_gap_s * 1e6:.0f}, {front.answer_delay_s * 1e6:.0f}, "
+            f"{front.cost_s * 1e6:.0f}, {front.batch_cost_s * 1e6:.0f}, {front.batch_gap_s * 1e6:.0f}, "
+            f"{front.answer_delay_s * 1e6:.0f}, "
             f"{front.machine_speed:.2f}, {front.margin_ms:g}"
         )
         print(
@@ -572,10 +582,15 @@ def print_table(one: Round, file: Any = None) -> None:
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['rejected']} of {r['requests']} | "
             f"{_fmt(r['energy_j'])} | {_sim(one.simulated[policy])} | {_sim(one.as_profiled.get(policy, {}))} | "
             f"{_sim(again)} | "
-            f"{_span(again.get('machine_speed'))} | {_fmt(r.get('front_end_us_per_request'))} | "
+            f"{_span(again.get('machine_speed'))} | {_fmt(r.get('front_end_us_per_request'))}, "
+            f"{_split(r.get('front_end_split_us'))} | "
             f"{_steal(r.get('vm_steal_s', {}))} |",
             file=file,
         )
+
+
+def _split(split: dict[str, float] | None) -> str:
+    return "–" if split is None else f"{split['per_request']:.0f} + {split['per_batch']:.0f}"
 
 
 def print_medians(rounds: list[Round]) -> None:

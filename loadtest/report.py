@@ -72,6 +72,7 @@ def summarize(
         "max_power_w": max((s["power_watts"] for s in samples if "power_watts" in s), default=None),
         "power_budget_w": samples[-1].get("power_budget_watts") if samples else None,
         "front_end_us_per_request": _us(front_end_s_per_request(samples[0], samples[-1])) if samples else None,
+        "front_end_split_us": _split_us(front_end_split(samples[0], samples[-1])) if samples else None,
     }
     summary["timeseries"] = _timeseries(rows, t0, bin_s, accuracy, samples)
     return summary
@@ -153,6 +154,26 @@ def front_end_s_per_request(before: Mapping[str, float], after: Mapping[str, flo
         return None
     engine = after.get("engine_cpu_seconds_total", 0.0) - before.get("engine_cpu_seconds_total", 0.0)
     return max(0.0, after[cpu] - before[cpu] - engine) / requests
+
+
+def front_end_split(before: Mapping[str, float], after: Mapping[str, float]) -> tuple[float, float] | None:
+    """The same CPU split in two, as the simulator charges it: (seconds per request handled, outside the
+    engine and the workers' own work; the workers' CPU seconds outside Engine.run per batch). None without
+    the figures, the requests or the batches."""
+    names = ("process_cpu_seconds_total", "worker_cpu_seconds_total")
+    if not all(n in before and n in after for n in names):
+        return None
+    requests = after.get("requests_total", 0.0) - before.get("requests_total", 0.0)
+    batches = after.get("batches_total", 0.0) - before.get("batches_total", 0.0)
+    if requests <= 0 or batches <= 0:
+        return None
+    engine = after.get("engine_cpu_seconds_total", 0.0) - before.get("engine_cpu_seconds_total", 0.0)
+    worker = after[names[1]] - before[names[1]]
+    return max(0.0, after[names[0]] - before[names[0]] - engine - worker) / requests, worker / batches
+
+
+def _split_us(split: tuple[float, float] | None) -> dict[str, float] | None:
+    return None if split is None else {"per_request": 1e6 * split[0], "per_batch": 1e6 * split[1]}
 
 
 def _ratio_of_changes(

@@ -150,9 +150,14 @@ def scrape(url: str) -> dict[str, float]:
                 values[name] = max(values.get(name, 0.0), sample.value)
             elif name in ("engine_cpu_seconds_total", "engine_profiled_seconds_total"):  # summed over bits
                 values[name] = values.get(name, 0.0) + sample.value
-            elif name in ("batch_gap_seconds_sum", "batch_gap_seconds_count", "process_cpu_seconds_total"):
+            elif name in (
+                "batch_gap_seconds_sum",
+                "batch_gap_seconds_count",
+                "process_cpu_seconds_total",
+                "worker_cpu_seconds_total",
+            ):
                 values[name] = sample.value
-            elif name == "requests_total":  # every outcome: what the front end handled
+            elif name in ("requests_total", "batches_total"):  # requests: every outcome the front end handled
                 values[name] = values.get(name, 0.0) + sample.value
     return values
 

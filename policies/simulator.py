@@ -10,7 +10,10 @@ server answers 504). Everything random comes from one seeded generator: a seed g
 
 The front end (HTTP in and out) shares the engine's core when ``request_cost_s`` > 0: at an arrival rate
 of r per second (over the last second) it takes r * request_cost_s of the core, and a batch that needs L
-seconds of engine time takes L / (1 - that share). The policy sees what batches really took through
+seconds of engine time takes L / (1 - that share). ``batch_cost_s`` adds the scheduler's own work per
+batch (the server's worker joins, accounts for and follows each batch, ``apserve_worker_cpu_seconds_total``):
+at b batches per second, b * batch_cost_s more of the core. A policy that runs many small batches (``power``
+under its budget) pays it per batch, not per request. The policy sees what batches really took through
 ``Snapshot.latency_scale``, exactly as the server's scheduler measures it.
 
 ``machine_speed`` replays how fast the machine itself ran (policies.machine_speed): a batch starting at t
@@ -73,6 +76,7 @@ class SimConfig:
     budget_w: float | None = None  # reported to the policy in the power state
     cascade: CascadeOutcome | None = None
     request_cost_s: float = 0.0  # front-end CPU per request on the engine's core (see the module doc)
+    batch_cost_s: float = 0.0  # the scheduler's CPU per batch on the engine's core (see the module doc)
     machine_speed: MachineSpeed | None = None  # None: the machine always runs as profiled
     batch_gap_s: float = 0.0  # engine idle before a batch that follows another (see the module doc)
     answer_delay_s: float = 0.0  # from a batch's end until its answers are sent
@@ -139,12 +143,14 @@ class _Replica:
         self.wake_at: float | None = None
         self.scale = LatencyScale()
         self.rate = ArrivalRate()  # over the last second; a simulated request is one image
+        self.batch_rate = ArrivalRate()  # batches started over the last second
         self.gap = BatchGap()
         self.answer_delay = AnswerDelay()
 
-    def slowdown(self, now: float, request_cost_s: float) -> float:
-        """Engine time -> wall time while the front end takes its share of the core."""
-        return 1.0 / (1.0 - min(0.9, self.rate.value(now) * request_cost_s))
+    def slowdown(self, now: float, config: SimConfig) -> float:
+        """Engine time -> wall time while the front end and the scheduler take their share of the core."""
+        share = self.rate.value(now) * config.request_cost_s + self.batch_rate.value(now) * config.batch_cost_s
+        return 1.0 / (1.0 - min(0.9, share))
 
     def load(self) -> int:
         return len(self.queue) + (1 if self.busy_until is not None else 0)
@@ -160,8 +166,8 @@ def simulate(
         raise ValueError(f"replicas must be >= 1, got {config.replicas}")
     if config.max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {config.max_batch_size}")
-    if not 0.0 <= config.request_cost_s < 1.0:
-        raise ValueError(f"request_cost_s must be in [0, 1) seconds, got {config.request_cost_s}")
+    if not (0.0 <= config.request_cost_s < 1.0 and 0.0 <= config.batch_cost_s < 1.0):
+        raise ValueError("request_cost_s and batch_cost_s must be in [0, 1) seconds")
     if not (0.0 <= config.batch_gap_s < 1.0 and 0.0 <= config.answer_delay_s < 1.0):
         raise ValueError("batch_gap_s and answer_delay_s must be in [0, 1) seconds")
     rng = np.random.default_rng(config.seed)
@@ -258,7 +264,8 @@ def simulate(
         profiled_s = engine_s
         if config.machine_speed is not None:
             engine_s *= config.machine_speed.at(now)
-        wall_s = engine_s * rep.slowdown(now, config.request_cost_s)
+        rep.batch_rate.observe(now, 1)
+        wall_s = engine_s * rep.slowdown(now, config)
         start = now + config.batch_gap_s if following else now
         end = start + wall_s
         rep.scale.observe(wall_s, profiled_s, end)

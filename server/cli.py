@@ -123,6 +123,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             budget_w=budget,
             cascade=outcome,
             request_cost_s=args.request_cost_us / 1e6,
+            batch_cost_s=args.batch_cost_us / 1e6,
             machine_speed=machine_speed.read_csv(args.machine_speed) if args.machine_speed else None,
             batch_gap_s=args.batch_gap_us / 1e6,
             answer_delay_s=args.answer_delay_us / 1e6,
@@ -290,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="front-end CPU per request on the engine's core (HTTP in and out): slows batches as arrivals rise",
+    )
+    p.add_argument(
+        "--batch-cost-us",
+        type=float,
+        default=0.0,
+        help="the scheduler's CPU per batch on the engine's core (a server's apserve_worker_cpu_seconds_total "
+        "per batch): slows batches as batches per second rise",
     )
     p.add_argument(
         "--machine-speed",

@@ -51,6 +51,13 @@ class Metrics:
         self.engine_cpu = Counter(
             "apserve_engine_cpu_seconds_total", "Engine CPU time of the calling thread", ["bits"], registry=r
         )
+        # the worker's own work per batch (joining it, accounting, the next decision): a cost per batch,
+        # not per request, that the simulator charges per batch (apserve simulate --batch-cost-us)
+        self.worker_cpu = Counter(
+            "apserve_worker_cpu_seconds_total",
+            "CPU time of the worker threads outside Engine.run: joining a batch, accounting, deciding the next",
+            registry=r,
+        )
         self.engine_profiled = Counter(
             "apserve_engine_profiled_seconds_total",
             "What the profile predicted for the same batches",

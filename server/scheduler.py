@@ -530,7 +530,7 @@ class Scheduler:
         yield_to_event_loop()
         job = self._jobs.get()
         while job is not None:
-            started = time.monotonic()
+            started, cpu_started = time.monotonic(), time.thread_time()
             result: _Result | BaseException
             try:
                 result = _compute(self.engine, [p.images for p in job.batch], job.bits)
@@ -539,6 +539,8 @@ class Scheduler:
             except Exception as exc:
                 result = exc
             following = self._after_batch(job, result)
+            engine_cpu = result.cpu_seconds if isinstance(result, _Result) else 0.0
+            self.metrics.worker_cpu.inc(max(0.0, time.thread_time() - cpu_started - engine_cpu))
             job = following if following is not None else self._jobs.get()
 
     def _after_batch(self, job: _Job, result: _Result | BaseException) -> _Job | None:

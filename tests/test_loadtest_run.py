@@ -57,6 +57,9 @@ def test_loadtest_starts_a_server_and_writes_a_sane_report(tmp_path: Path) -> No
     assert speeds and all(0.0 < v < 20.0 for v in speeds), speeds
     # and the front end's CPU per request (process_cpu_seconds_total less the engine's): some, under a second
     assert 0.0 < report["front_end_us_per_request"] < 1e6
+    # split as the simulator charges it: per request, and the worker's own CPU per batch (some, under a second)
+    split = report["front_end_split_us"]
+    assert 0.0 <= split["per_request"] <= report["front_end_us_per_request"] and 0.0 < split["per_batch"] < 1e6
     for name in ("latency.png", "bits.png", "throughput.png", "accuracy.png"):
         assert (out / name).read_bytes().startswith(PNG), name
     rows = (out / "requests.csv").read_text().splitlines()

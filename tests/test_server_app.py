@@ -329,6 +329,33 @@ def test_engine_cpu_and_profiled_time_are_counted_apart_from_wall_time() -> None
     run(test)
 
 
+class CpuBoundEngine(GatedEngine):
+    """Every batch burns 10 ms of the calling thread's CPU."""
+
+    def run(self, batch: np.ndarray, bits: int) -> np.ndarray:
+        end = time.thread_time() + 0.01
+        while time.thread_time() < end:
+            pass
+        return super().run(batch, bits)
+
+
+def test_the_workers_own_cpu_is_counted_apart_from_the_engines() -> None:
+    """apserve_worker_cpu_seconds_total: what a worker spends around the batches (joining, accounting,
+    deciding), not the engine's CPU: the simulator charges the one per batch and the other per image."""
+
+    async def test() -> None:
+        async with serving(CpuBoundEngine()) as c:
+            for i in range(5):
+                assert (await c.post(INFER, json=body(i))).status_code == 200
+            text = (await c.get("/metrics")).text
+            engine = sum(float(v) for v in re.findall(r"^apserve_engine_cpu_seconds_total\{.*\} (\S+)$", text, re.M))
+            worker = re.search(r"^apserve_worker_cpu_seconds_total (\S+)$", text, re.M)
+            assert worker is not None and engine >= 5 * 0.01
+            assert 0.0 < float(worker.group(1)) < 0.5 * engine
+
+    run(test)
+
+
 def test_the_engine_idle_time_between_batches_is_measured_while_requests_wait() -> None:
     async def test() -> None:
         engine = GatedEngine()

@@ -78,6 +78,19 @@ def test_front_end_cost_slows_batches_and_the_policy_adapts() -> None:
     assert slo_costly.served_accuracy < slo_free.served_accuracy
 
 
+def test_the_scheduler_cost_is_charged_per_batch_not_per_request() -> None:
+    """The worker's own CPU per batch (``batch_cost_s``) shares the engine's core: the same cost slows a
+    server that runs one-request batches (max_batch_size 1) past its deadlines, and leaves one that batches
+    32 at a time nearly as it was."""
+    trace = generate("poisson", CAPACITY, seed=5, duration=30.0 * SLOW, load=0.7)
+    costly = dataclasses.replace(CONFIG, batch_cost_s=0.0015 * SLOW)
+    assert run("fixed-1", trace, costly).slo_attainment >= run("fixed-1", trace).slo_attainment - 0.01
+    single = dataclasses.replace(CONFIG, max_batch_size=1)
+    single_costly = dataclasses.replace(costly, max_batch_size=1)
+    assert run("fixed-1", trace, single).slo_attainment >= 0.99
+    assert run("fixed-1", trace, single_costly).slo_attainment < 0.9
+
+
 def test_answer_delay_counts_toward_latency_and_batch_gap_toward_throughput() -> None:
     """The server's two delays the front end's share does not cover. An answer leaving 20 ms (x10) after
     its batch adds exactly that to every latency; an engine idle 80 ms (x10) before each batch that follows
