@@ -4,8 +4,10 @@
     .venv/bin/python bench/experiment_spike.py --duration 20 --policies fixed-8,slo   # quicker
 
 1. Capacity: fixed-8 saturated by closed-loop Locust users (images/s answered). Calibration, before
-   each policy's run (3.): fixed-1 saturated the same way for 10 s; the core time not spent in the
-   engine, per answered request, is what HTTP costs on the server's core. The simulator takes it (--request-cost-us); the servers measure its
+   each policy's run (3.): fixed-1 saturated the same way for 10 s; the core time spent neither in the
+   engine nor in the worker's own work, per answered request, is what HTTP costs on the server's core, and
+   the worker's CPU outside the engine per batch (apserve_worker_cpu_seconds_total) what the scheduler
+   costs per batch. The simulator takes both (--request-cost-us, --batch-cost-us); the servers measure their
    effect themselves (observed / profiled batch latency, Snapshot.latency_scale). The same run gives the
    server's mean batch gap and answer delay, which the simulator also takes (--batch-gap-us,
    --answer-delay-us), and the part of the client's latency the server cannot see (reading before the
@@ -19,8 +21,8 @@
    three times: at the machine speed the calibration (1.) measured just before (its engine CPU time over
    its profiled time; the prediction), as profiled, and replaying how fast the machine ran during that
    policy's run (the server's engine CPU time over its profiled time, per 1 s scrape: machine-speed.csv,
-   policies.machine_speed) with the front end's cost that run measured (the server's CPU time outside the
-   engine per request, process_cpu_seconds_total). The first two are predictions, made from what was
+   policies.machine_speed) with the front end's costs that run measured (the server's CPU time outside the
+   engine, process_cpu_seconds_total, split per request and per batch as in 1.). The first two are predictions, made from what was
    known before the run; the third separates the model of the server from the VM's speed swings.
    With --rounds N, 3. runs N times in turn, calibrations included (the trace stays the one drawn from
    the first capacity), and the medians of the attainments per policy are printed beside every round's:
