@@ -84,6 +84,21 @@ class LatencyProfile:
     def _cpu(self) -> LatencyProfile | None:
         return LatencyProfile(table=self.cpu_seconds) if self.cpu_seconds else None
 
+    @cached_property
+    def _efficient(self) -> dict[tuple[int, int, float], int]:
+        return {}
+
+    def cpu_efficient_batch(self, bits: int, max_batch: int, slack: float) -> int:
+        """The smallest batch (up to ``max_batch``) whose CPU time per image is within ``slack`` x the
+        best batch's: what a power budget buys the most images with."""
+        key = (bits, max_batch, slack)
+        found = self._efficient.get(key)
+        if found is None:
+            per_image = [self.cpu(bits, n) / n for n in range(1, max(max_batch, 1) + 1)]
+            best = min(per_image)
+            found = self._efficient[key] = next(n for n, c in enumerate(per_image, start=1) if c <= slack * best)
+        return found
+
     def cpu(self, bits: int, batch: int) -> float:
         """CPU-seconds of one batch (interpolated as latency is); without CPU figures, the latency."""
         return self._cpu.latency(bits, batch) if self._cpu is not None else self.latency(bits, batch)

@@ -5,15 +5,17 @@ Hints and strict requests constrain through ``Planner.candidates`` (as in every 
 remaining energy, and every bits but the head's cheapest that the budget could not sustain at the
 arrival rate (``PowerCap.sustainable``, as in `power`); the slo rule then picks among what is left. When
 the cap leaves nothing, the decision waits for the budget to refill (refusing hopeless requests meanwhile).
+As in `power` (since session 12), the wait is for an efficient batch at the head's cheapest bits when the
+head can wait for one, and in budget overload heads that cannot wait for one are refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from policies.base import IDLE, Decision, Snapshot
 from policies.planning import Planner
-from policies.power import DEFAULT_WATTS_PER_CORE, PowerCap
+from policies.power import DEFAULT_WATTS_PER_CORE, PowerCap, budget_target, rushed_for_efficiency
 from policies.slo import SloPolicy
 
 
@@ -29,20 +31,25 @@ class CompositePolicy:
             return IDLE
         if self.budget_w is None:
             return self.slo.decide(snapshot)
-        planner = Planner(snapshot)
+        planner = Planner(snapshot, self.slo.margin_ms / 1000.0)
         cap = PowerCap.of(snapshot, self.budget_w, self.watts_per_core, planner)
+        rushed = rushed_for_efficiency(planner, cap, snapshot.queue, snapshot.now, snapshot)
+        if rushed:  # as in power: the budget runs short, not the queue
+            snapshot = replace(snapshot, queue=snapshot.queue[len(rushed) :])
+            if not snapshot.queue:
+                return Decision(bits=None, reason="queued requests cannot wait for an efficient batch", reject=rushed)
+            planner = Planner(snapshot, self.slo.margin_ms / 1000.0)
+            cap = PowerCap.of(snapshot, self.budget_w, self.watts_per_core, planner)
         head = snapshot.queue[0]
         cheapest = planner.cheapest(head)
-        waiting = (
-            cap.wait(snapshot.now, cheapest, head.size)
-            if cheapest is not None
-            else Decision(bits=None, reason="no bits allowed for the head request")
-        )
-        if cheapest is not None and not cap.accept(cheapest, head.size):  # exhausted: only refusals to decide
-            late = Planner(snapshot, self.slo.margin_ms / 1000.0).late_in_plan(snapshot.queue, snapshot.now)
-            return Decision(
-                bits=None, reason=waiting.reason, reject=tuple(r.id for r in late), wait_until=waiting.wait_until
-            )
+        if cheapest is None:
+            return Decision(bits=None, reason="no bits allowed for the head request", reject=rushed)
+        target = budget_target(planner, cap, snapshot.queue, snapshot.now, snapshot.max_batch_size)
+        waiting = cap.wait(snapshot.now, cheapest, target)
+        if not cap.accept(cheapest, target):  # exhausted, or short of an efficient batch: only refusals to decide
+            late = planner.late_in_plan(snapshot.queue, snapshot.now)
+            reject = rushed + tuple(r.id for r in late)
+            return Decision(bits=None, reason=waiting.reason, reject=reject, wait_until=waiting.wait_until)
         unsustainable = {
             b
             for b in planner.candidates(head)
@@ -52,4 +59,5 @@ class CompositePolicy:
         def fits(bits: int, images: int) -> bool:
             return bits not in unsustainable and cap.accept(bits, images)
 
-        return self.slo.decide_within(snapshot, fits, capped=waiting)
+        decision = self.slo.decide_within(snapshot, fits, capped=waiting)
+        return replace(decision, reject=rushed + decision.reject) if rushed else decision

@@ -18,7 +18,7 @@ Images per joule: a batch of one or two images costs up to 1.7 times the energy 
 When the window pays for less than an efficient batch (``PowerCap.efficient_batch``) and the head can
 still make its deadline once the window has refilled for one, the policy waits for it; and while more
 arrives than the budget sustains at the cheapest bits, a head that cannot wait for an efficient batch is
-refused (``_rushed``) rather than served alone with the energy of the requests behind it.
+refused (``rushed_for_efficiency``) rather than served alone with the energy of the requests behind it.
 
 Choosing bits for deadlines is not this policy's business (`composite` adds it), but spending the budget on
 late answers would be: a request that cannot finish by its deadline less ``margin_ms`` even started now,
@@ -30,7 +30,7 @@ and the client, who also waits for what the profile does not see (HTTP, the netw
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from policies.base import IDLE, Decision, PowerState, QueuedRequest, Snapshot
 from policies.energy import cpu_seconds
@@ -49,7 +49,6 @@ class PowerCap:
     window_s: float
     watts_per_core: float
     planner: Planner
-    _efficient: dict[tuple[int, int], int] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, snapshot: Snapshot, budget_w: float, watts_per_core: float, planner: Planner) -> PowerCap:
@@ -77,12 +76,7 @@ class PowerCap:
 
     def efficient_batch(self, bits: int, max_batch_size: int) -> int:
         """The smallest batch whose energy per image is within EFFICIENT_SLACK x the best batch's."""
-        key = (bits, max_batch_size)
-        if key not in self._efficient:
-            per_image = [self.energy(bits, n) / n for n in range(1, max(max_batch_size, 1) + 1)]
-            best = min(per_image)
-            self._efficient[key] = next(n for n, j in enumerate(per_image, start=1) if j <= EFFICIENT_SLACK * best)
-        return self._efficient[key]
+        return self.planner.profile.cpu_efficient_batch(bits, max_batch_size, EFFICIENT_SLACK)
 
     def refilled(self, now: float, bits: int, images: int) -> float:
         """When the window will have refilled enough for a batch of ``images`` at ``bits`` (inf: never)."""
@@ -90,13 +84,15 @@ class PowerCap:
             return float("inf")
         return now + max(self.energy(bits, images) - self.headroom_j, 0.0) / self.refill_w
 
-    def wait(self, now: float, bits: int, images: int, reject: tuple[int, ...] = (), reason: str = "") -> Decision:
+    def wait(self, now: float, bits: int, images: int, reject: tuple[int, ...] = ()) -> Decision:
+        """Wait until the window pays for ``images`` at ``bits``."""
         if self.refill_w <= 0:
             return Decision(bits=None, reason="power budget at or below idle power", reject=reject)
+        exhausted = not self.accept(bits, 1)
         # at least 1/200 of the window, so a scheduler does not spin on a window that refills continuously
         return Decision(
             bits=None,
-            reason=reason or "power budget exhausted",
+            reason="power budget exhausted" if exhausted else "power budget: waiting for an efficient batch",
             reject=reject,
             wait_until=max(self.refilled(now, bits, images), now + self.window_s / 200),
         )
@@ -120,7 +116,7 @@ class PowerPolicy:
         if not queue:
             return Decision(bits=None, reason="all queued requests would be late", reject=reject)
         cap = PowerCap.of(snapshot, self.budget_w, self.watts_per_core, planner)
-        rushed = _rushed(planner, cap, queue, now, snapshot)
+        rushed = rushed_for_efficiency(planner, cap, queue, now, snapshot)
         if rushed:
             reject += rushed
             queue = queue[len(rushed) :]
@@ -132,13 +128,7 @@ class PowerPolicy:
             return Decision(bits=None, reason="no bits allowed for the head request", reject=reject)
         cheapest = planner.cheapest(head)
         assert cheapest is not None
-        # Under the budget, images per joule is what attainment is made of: wait for an efficient batch when
-        # the head can still make its deadline at the end of that wait (a batch of 1 or 2 images costs 1.7 x
-        # the energy per image of a full one at 1 bit on the bundled profile).
-        efficient = planner.fill(queue, cheapest, max_images=cap.efficient_batch(cheapest, snapshot.max_batch_size))
-        efficient_images = sum(r.size for r in efficient)
-        patient = planner.fitting_prefix(efficient, cheapest, cap.refilled(now, cheapest, efficient_images)) > 0
-        target = efficient_images if patient else head.size
+        target = budget_target(planner, cap, queue, now, snapshot.max_batch_size)
         if not cap.accept(cheapest, head.size):  # exhausted: nothing can run, skip the search
             return cap.wait(now, cheapest, target, reject)
         for bits in candidates:
@@ -151,15 +141,29 @@ class PowerPolicy:
                 return Decision(bits=bits, requests=ids, reason="within budget", reject=reject)
         batch = take_fitting(planner, queue, cheapest, cap.accept)
         batch = batch[: planner.fitting_prefix(batch, cheapest, now)]
-        if batch and (not patient or sum(r.size for r in batch) >= efficient_images):
+        if batch and sum(r.size for r in batch) >= target:
             ids = tuple(r.id for r in batch)
             return Decision(bits=cheapest, requests=ids, reason="budget-limited batch", reject=reject)
-        if patient:
-            return cap.wait(now, cheapest, target, reject, reason="power budget: waiting for an efficient batch")
-        return cap.wait(now, cheapest, head.size, reject)
+        return cap.wait(now, cheapest, target, reject)
 
 
-def _rushed(
+def budget_target(
+    planner: Planner, cap: PowerCap, queue: Sequence[QueuedRequest], now: float, max_batch_size: int
+) -> int:
+    """Images to wait for when the window is short: an efficient batch at the head's cheapest bits when
+    the head can still make its deadline once the window has refilled for one (a batch of 1 or 2 images
+    costs up to 1.7 x the energy per image of a full one at 1 bit on the bundled profile), else the head."""
+    head = queue[0]
+    bits = planner.cheapest(head)
+    if bits is None:
+        return head.size
+    efficient = planner.fill(queue, bits, max_images=cap.efficient_batch(bits, max_batch_size))
+    images = sum(r.size for r in efficient)
+    patient = planner.fitting_prefix(efficient, bits, max(now, cap.refilled(now, bits, images))) > 0
+    return images if patient else head.size
+
+
+def rushed_for_efficiency(
     planner: Planner, cap: PowerCap, queue: Sequence[QueuedRequest], now: float, snapshot: Snapshot
 ) -> tuple[int, ...]:
     """With more arriving than the budget sustains at the cheapest bits: the leading requests that cannot

@@ -62,6 +62,8 @@ def documented_metrics() -> set[str]:
     for name, kind in re.findall(r"^\| `(\w+)` \| (\w+)", table, flags=re.M):
         base = f"apserve_{name}"
         names |= {f"{base}_bucket", f"{base}_sum", f"{base}_count"} if kind == "histogram" else {base}
+    # and the process collector's series the section names (process_cpu_seconds_total, ...)
+    names |= set(re.findall(r"`(process_\w+)`", table))
     return names
 
 

@@ -320,7 +320,8 @@ def _efficient_1bit() -> int:
     return next(n for n, j in enumerate(per_image, start=1) if j <= 1.15 * min(per_image))
 
 
-def test_power_policy_waits_for_an_efficient_batch_rather_than_spend_the_budget_on_a_small_one() -> None:
+@pytest.mark.parametrize("name", ["power", "composite"])
+def test_power_policy_waits_for_an_efficient_batch_rather_than_spend_the_budget_on_a_small_one(name: str) -> None:
     """The window has room for one 1-bit image now; 32 requests wait with room in their deadlines: the
     policy waits until the budget pays for an efficient batch (energy per image within 15 % of the best)
     instead of running one image at a time at 1.7 x the energy per image. A head that cannot wait that
@@ -331,17 +332,18 @@ def test_power_policy_waits_for_an_efficient_batch_rather_than_spend_the_budget_
     size = _efficient_1bit()
     refilled = (LAT.cpu(1, size) * 10.0 - 1.2 * one_image_j) / 10.0  # at budget - idle = 10 W
     s = snap([req(i, slo_ms=500.0) for i in range(32)], power=state)
-    decision = checked(build("power").decide(s), s)
+    decision = checked(build(name).decide(s), s)
     assert decision.bits is None and "efficient" in decision.reason
     assert decision.wait_until == pytest.approx(max(refilled, 1.0 / 200))  # (at least 1/200 of the window)
     # the same queue, the head due before the budget could pay for an efficient batch: served now, alone
     urgent = [req(0, slo_ms=1e3 * (refilled / 2 + LAT.latency(1, 1))), *(req(i, slo_ms=500.0) for i in range(1, 32))]
     s = snap(urgent, power=state)
-    decision = checked(build("power", margin_ms=0.0).decide(s), s)
+    decision = checked(build(name, margin_ms=0.0).decide(s), s)
     assert decision.bits == 1 and decision.requests == (0,)
 
 
-def test_power_policy_in_overload_refuses_heads_that_cannot_wait_for_an_efficient_batch() -> None:
+@pytest.mark.parametrize("name", ["power", "composite"])
+def test_power_policy_in_overload_refuses_heads_that_cannot_wait_for_an_efficient_batch(name: str) -> None:
     """More arriving than the budget sustains even at 1 bit: a head due too soon for an efficient batch is
     refused rather than served alone (its energy would serve 1.7 x as many images of the queue behind it).
     With the arrival rate the budget sustains, the same head is served."""
@@ -351,10 +353,10 @@ def test_power_policy_in_overload_refuses_heads_that_cannot_wait_for_an_efficien
     head = req(0, slo_ms=1e3 * (refilled / 2 + LAT.latency(1, size)))  # due before an efficient batch could end
     queue = [head, *(req(i, slo_ms=500.0) for i in range(1, 32))]
     flooded = dataclasses.replace(snap(queue, power=state), arrival_rate=5000.0)  # 5000 x 0.72 mJ > 10 W
-    decision = checked(build("power", margin_ms=0.0).decide(flooded), flooded)
+    decision = checked(build(name, margin_ms=0.0).decide(flooded), flooded)
     assert decision.reject == (0,) and decision.bits is None and decision.wait_until is not None
     calm = dataclasses.replace(flooded, arrival_rate=100.0)
-    assert checked(build("power", margin_ms=0.0).decide(calm), calm).reject == ()
+    assert checked(build(name, margin_ms=0.0).decide(calm), calm).reject == ()
 
 
 def test_power_budget_below_idle_never_runs() -> None:
