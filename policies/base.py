@@ -51,7 +51,7 @@ class LatencyProfile:
     pareto: tuple[int, ...] = ALL_BITS  # bits worth choosing automatically, increasing precision
     cpu_seconds: Mapping[tuple[int, int], float] | None = None  # CPU time per batch, for the power model
 
-    @property
+    @cached_property
     def batches(self) -> tuple[int, ...]:
         return tuple(sorted({b for _, b in self.table}))
 
@@ -86,6 +86,19 @@ class LatencyProfile:
 
     @cached_property
     def _efficient(self) -> dict[tuple[int, int, float], int]:
+        return {}
+
+    def cpu_per_image(self, bits: int, max_batch: int) -> float:
+        """The lowest CPU time per image over the profiled batch sizes up to ``max_batch``."""
+        key = (bits, max_batch)
+        found = self._per_image.get(key)
+        if found is None:
+            sizes = [b for b in self.batches if b <= max_batch] or [1]
+            found = self._per_image[key] = min(self.cpu(bits, b) / b for b in sizes)
+        return found
+
+    @cached_property
+    def _per_image(self) -> dict[tuple[int, int], float]:
         return {}
 
     def cpu_efficient_batch(self, bits: int, max_batch: int, slack: float) -> int:

@@ -70,8 +70,7 @@ class PowerCap:
 
     def sustainable(self, bits: int, arrival_rate: float, max_batch_size: int) -> bool:
         """Could the budget refill keep up with every arrival served at ``bits``, batched at best?"""
-        sizes = [b for b in self.planner.profile.batches if b <= max_batch_size] or [1]
-        per_image_j = min(self.energy(bits, b) / b for b in sizes)
+        per_image_j = self.planner.profile.cpu_per_image(bits, max_batch_size) * self.watts_per_core
         return arrival_rate * per_image_j <= self.refill_w
 
     def efficient_batch(self, bits: int, max_batch_size: int) -> int:
