@@ -264,6 +264,10 @@ class Decision:
     # cascade: after the batch ran, requests whose top softmax probability is below this re-run at escalate_to
     escalate_below: float | None = None
     escalate_to: int | None = None
+    # with bits None and wait_until: no arrival that queues behind the current head changes this decision
+    # before wait_until (a power budget refilling), so the server and the simulator need not ask again at
+    # each one; they refuse at once an arrival that could not finish by its deadline starting at wait_until
+    hold: bool = False
 
 
 IDLE = Decision(bits=None, reason="empty queue")

@@ -30,7 +30,7 @@ and the client, who also waits for what the profile does not see (HTTP, the netw
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from policies.base import IDLE, Decision, PowerState, QueuedRequest, Snapshot
 from policies.energy import cpu_seconds
@@ -94,6 +94,7 @@ class PowerCap:
             reason="power budget exhausted" if exhausted else "power budget: waiting for an efficient batch",
             reject=reject,
             wait_until=max(self.refilled(now, bits, images), now + self.window_s / 200),
+            hold=True,
         )
 
 
@@ -129,7 +130,7 @@ class PowerPolicy:
         assert cheapest is not None
         target = budget_target(planner, cap, queue, now, snapshot.max_batch_size)
         if not cap.accept(cheapest, head.size):  # exhausted: nothing can run, skip the search
-            return cap.wait(now, cheapest, target, reject)
+            return _held(planner, cap.wait(now, cheapest, target, reject), queue)
         for bits in candidates:
             if bits != cheapest and not cap.sustainable(bits, snapshot.arrival_rate, snapshot.max_batch_size):
                 continue
@@ -143,7 +144,7 @@ class PowerPolicy:
         if batch and sum(r.size for r in batch) >= target:
             ids = tuple(r.id for r in batch)
             return Decision(bits=cheapest, requests=ids, reason="budget-limited batch", reject=reject)
-        return cap.wait(now, cheapest, target, reject)
+        return _held(planner, cap.wait(now, cheapest, target, reject), queue)
 
 
 def budget_target(
@@ -158,7 +159,8 @@ def budget_target(
         return head.size
     efficient = planner.fill(queue, bits, max_images=cap.efficient_batch(bits, max_batch_size))
     images = sum(r.size for r in efficient)
-    patient = planner.fitting_prefix(efficient, bits, max(now, cap.refilled(now, bits, images))) > 0
+    start = max(now, cap.refilled(now, bits, images))
+    patient = planner.fitting_prefix(efficient, bits, start) == len(efficient)
     return images if patient else head.size
 
 
@@ -184,6 +186,16 @@ def rushed_for_efficiency(
             break
         rushed.append(head.id)
     return tuple(rushed)
+
+
+def _held(planner: Planner, wait: Decision, queue: Sequence[QueuedRequest]) -> Decision:
+    """A wait for the budget holds (``Decision.hold``: arrivals behind the head do not change it), so the
+    requests already hopeless by its end are refused now, not left to expire during it."""
+    if wait.wait_until is None:
+        return wait
+    refused = set(wait.reject)
+    late = tuple(i for i in _hopeless(planner, queue, wait.wait_until) if i not in refused)
+    return replace(wait, reject=wait.reject + late) if late else wait
 
 
 def _hopeless(planner: Planner, queue: Sequence[QueuedRequest], now: float) -> tuple[int, ...]:

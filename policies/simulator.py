@@ -141,6 +141,7 @@ class _Replica:
         self.window = EnergyWindow(config.window_s, config.power_model.idle_w)
         self.segments: list[tuple[float, float, float]] = []  # (start, end, busy joules)
         self.wake_at: float | None = None
+        self.hold: tuple[float, tuple[int, float, float, int]] | None = None  # (until, head's key): Decision.hold
         self.scale = LatencyScale()
         self.rate = ArrivalRate()  # over the last second; a simulated request is one image
         self.batch_rate = ArrivalRate()  # batches started over the last second
@@ -232,6 +233,7 @@ def simulate(
             answer_delay_s=rep.answer_delay.value(now),
         )
         decision: Decision = rep.policy.decide(snapshot)
+        rep.hold = None
         drop = set(decision.reject)
         rejected += len(drop)
         chosen = set(decision.requests) if decision.bits is not None else set()
@@ -242,6 +244,8 @@ def simulate(
         if decision.bits is None:
             if decision.wait_until is not None and rep.queue:
                 when = max(decision.wait_until, now + 1e-6)
+                if decision.hold:
+                    rep.hold = (when, rep.queue[0][0])
                 if rep.wake_at is None or when < rep.wake_at or rep.wake_at <= now:
                     rep.wake_at = when
                     push(when, _WAKE, rep.index)
@@ -303,8 +307,16 @@ def simulate(
             rep = min(replicas, key=lambda r: (r.load(), r.index))
             rep.rate.observe(now, req.size)
             key = (req.priority, req.deadline if req.deadline is not None else float("inf"), req.arrival, req.id)
+            held = rep.hold is not None and now < rep.hold[0] and key > rep.hold[1]
+            if held and req.deadline is not None and rep.hold is not None:
+                # as the server's admission: refused at once if it cannot finish starting when the hold ends
+                fastest = min(latency.latency(b, req.size) for b in latency.bits if req.allows(b))
+                if rep.hold[0] + fastest * rep.scale.value(now) + rep.gap.value(now) > req.deadline:
+                    rejected += 1
+                    continue
             bisect.insort(rep.queue, (key, req), key=lambda item: item[0])
-            dispatch(rep, now)
+            if not held:
+                dispatch(rep, now)
         elif kind == _DONE:
             rep = replicas[payload]
             rep.busy_until = None

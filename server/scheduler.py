@@ -125,6 +125,15 @@ class _Result:
     gap: float | None = None  # idle since the previous batch's end, when this batch was waiting for it
 
 
+@dataclass(slots=True)
+class _Hold:
+    """A decision that arrivals behind ``head`` (an order key) do not change before ``until``."""
+
+    until: float
+    head: tuple[int, float, float, int]
+    armed: bool = False  # the loop task has a timer for ``until``
+
+
 @dataclass(frozen=True, slots=True)
 class _Job:
     batch: list[_Pending]
@@ -197,6 +206,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._decided_wait: tuple[float | None] | None = None
+        self._hold: _Hold | None = None  # a decision that arrivals behind its head do not change (Decision.hold)
         self._power_cache: tuple[float, PowerState] | None = None
         self._unaccounted: list[tuple[_Job, _Result]] = []  # finished batches not yet in the metrics and meters
         self._threads: list[threading.Thread] = []
@@ -225,6 +235,7 @@ class Scheduler:
     def close(self) -> None:
         """Admit nothing more; what is queued or running is still answered."""
         self._closing = True
+        self._hold = None
         self._wake.set()
 
     async def drain(self) -> None:
@@ -248,6 +259,7 @@ class Scheduler:
         refused = []
         with self._lock:
             self._policy = policy
+            self._hold = None
             for pending in list(self._queue):
                 if not self._allowed(pending.request):
                     self._remove(pending)
@@ -287,7 +299,7 @@ class Scheduler:
             raise
         if pending.request.deadline is not None:
             pending.timer = self._loop.call_at(pending.request.deadline, self._expire, pending)  # type: ignore[union-attr]
-        self._kick()
+        self._kick(pending)
         return pending.future
 
     def _admit(self, images: np.ndarray, options: RequestOptions, received: float | None) -> _Pending:
@@ -316,20 +328,29 @@ class Scheduler:
         allowed = self._allowed(req)
         if not allowed:
             raise self._unservable(req)
+        key = _order_key(req)
         if req.deadline is not None:
             fastest = self._latency(min(allowed, key=lambda b: self._profiled(b, req.size)), req.size)
-            if now + fastest > req.deadline:
+            start = self._held_until(now, key)
+            if start + fastest > req.deadline:
+                waiting = f"the server holds its batches for {1e3 * (start - now):.1f} ms and " if start > now else ""
                 raise Refused(
                     503,
                     "deadline",
-                    f"deadline of {1e3 * (req.deadline - now):.1f} ms cannot be met: the fastest allowed bits "
-                    f"need {1e3 * fastest:.1f} ms",
+                    f"deadline of {1e3 * (req.deadline - now):.1f} ms cannot be met: {waiting}the fastest allowed "
+                    f"bits need {1e3 * fastest:.1f} ms",
                     retry_after=1,
                 )
-        pending = _Pending(req, images, self._loop.create_future(), _order_key(req))
+        pending = _Pending(req, images, self._loop.create_future(), key)
         self._arrival_rate.observe(now, req.size)
         self._insert(pending)
         return pending
+
+    def _held_until(self, now: float, key: tuple[int, float, float, int]) -> float:
+        """When a request of ``key`` arriving now can start at the earliest: the end of a decision's hold if it
+        queues behind the held head, else now."""
+        hold = self._hold
+        return hold.until if hold is not None and now < hold.until and key > hold.head else now
 
     def _profiled(self, bits: int, size: int) -> float:
         try:
@@ -401,14 +422,27 @@ class Scheduler:
 
     # --- decisions ------------------------------------------------------------------------------
 
-    def _kick(self) -> None:
+    def _kick(self, arrival: _Pending | None = None) -> None:
         """Start batches right away while a worker is free, rather than in the loop task one iteration
         later. Called after every change that may allow a batch (an arrival, a finished batch), so the
-        loop task is woken only to arm a timer for a wait the policy decided, or to wind down."""
+        loop task is woken only to arm a timer for a wait the policy decided, or to wind down. While a
+        decision holds (``Decision.hold``), an arrival behind its head or a finished batch (whose worker
+        took that decision) asks nothing: the timer at the hold's end does."""
+        assert self._loop is not None
         while self._queue and self._inflight < self.config.workers:
+            hold = self._hold
+            now = self._loop.time()
+            if hold is not None and now < hold.until and (arrival is None or arrival.key > hold.head):
+                if not hold.armed:  # decided by a worker: the loop task has no timer for it yet
+                    hold.armed = True
+                    self._decided_wait = (hold.until - now,)
+                    self._wake.set()
+                return
             wait = self._dispatch()
             if wait != 0.0:  # no batch: hand the decided wait to the loop task, which arms the timer
                 self._decided_wait = (wait,)
+                if self._hold is not None:
+                    self._hold.armed = True
                 self._wake.set()
                 return
             self._decided_wait = None
@@ -426,6 +460,8 @@ class Scheduler:
                 wait = self._dispatch()
                 if wait == 0.0:
                     continue
+                if self._hold is not None:
+                    self._hold.armed = True  # the timer below
             timer = self._loop.call_later(wait, self._wake.set) if wait is not None else None
             await self._wake.wait()
             if timer is not None:
@@ -481,6 +517,7 @@ class Scheduler:
         if not self._queue:
             return plan
         decision = self._policy.decide(self._snapshot(now))
+        self._hold = None
         by_id = {p.request.id: p for p in self._queue}
         for rid in decision.reject:
             if rid in by_id:
@@ -500,6 +537,8 @@ class Scheduler:
                 plan.wait = 0.0
             elif decision.wait_until is not None:
                 plan.wait = max(0.0, decision.wait_until - now)
+                if decision.hold and self._queue and not self._closing:
+                    self._hold = _Hold(decision.wait_until, self._queue[0].key)
             return plan
         bits = decision.bits
         chosen = [by_id[i] for i in decision.requests if i in by_id and by_id[i].request.allows(bits)]

@@ -292,7 +292,12 @@ def test_power_policy_budget_exhausted_waits_for_the_window_to_refill() -> None:
     s = snap([req(0, arrival=3.0)], now=3.0, power=spent)
     decision = checked(build("power").decide(s), s)
     assert decision.bits is None and decision.wait_until is not None and decision.wait_until > 3.0
-    assert decision.reject == ()
+    assert decision.reject == () and decision.hold  # arrivals behind the head cannot make the budget refill sooner
+    # a request due before it could run after the wait is refused now, not left to expire during it
+    due = decision.wait_until - 3.0 + LAT.latency(1, 1) / 2
+    s = snap([req(0, arrival=3.0), req(1, arrival=3.0, slo_ms=1e3 * due)], now=3.0, power=spent)
+    decision = checked(build("power", margin_ms=0.0).decide(s), s)
+    assert decision.bits is None and decision.reject == (1,)
     # almost exhausted: only the cheapest bits fit, and only a part of the queue
     nearly = dataclasses.replace(spent, energy_in_window_j=15.0 - 0.05)
     s = snap([req(i) for i in range(32)], power=nearly)
@@ -355,8 +360,11 @@ def test_power_policy_in_overload_refuses_heads_that_cannot_wait_for_an_efficien
     flooded = dataclasses.replace(snap(queue, power=state), arrival_rate=5000.0)  # 5000 x 0.72 mJ > 10 W
     decision = checked(build(name, margin_ms=0.0).decide(flooded), flooded)
     assert decision.reject == (0,) and decision.bits is None and decision.wait_until is not None
-    calm = dataclasses.replace(flooded, arrival_rate=100.0)
-    assert checked(build(name, margin_ms=0.0).decide(calm), calm).reject == ()
+    # with the rate the budget sustains, and room in the window for one image: the same head is served now
+    room = dataclasses.replace(state, energy_in_window_j=15.0 - 1.2 * LAT.cpu(1, 1) * 10.0)
+    calm = dataclasses.replace(flooded, arrival_rate=100.0, power=room)
+    decision = checked(build(name, margin_ms=0.0).decide(calm), calm)
+    assert decision.reject == () and decision.requests[:1] == (0,)
 
 
 def test_power_budget_below_idle_never_runs() -> None:

@@ -130,6 +130,39 @@ def test_policy_rejects_are_answered_and_wait_until_is_honoured() -> None:
     asyncio.run(test())
 
 
+def test_a_holding_wait_is_not_asked_again_by_arrivals_behind_its_head() -> None:
+    """Decision.hold (power waiting for its budget): arrivals that queue behind the head do not ask the
+    policy again before wait_until; one that could not finish by its deadline starting then is refused at
+    once (503, not left to expire); one that goes ahead of the head (a higher priority) asks again."""
+    hold_s = 0.2
+
+    def script(snapshot: Snapshot, call: int) -> Decision:
+        if call == 1:
+            return Decision(bits=None, wait_until=snapshot.now + hold_s, reason="budget", hold=True)
+        return Decision(bits=None, wait_until=snapshot.now + hold_s, reason="budget again", hold=True)
+
+    async def test() -> None:
+        policy = ScriptedPolicy(script)
+        scheduler = _scheduler(policy)
+        scheduler.start()
+        first = scheduler.submit(_image(1), RequestOptions(Hint(), None, 1))  # asks: hold for 200 ms
+        behind = [scheduler.submit(_image(i), OPTIONS) for i in range(2, 6)]  # priority 2: behind it
+        assert len(policy.seen) == 1 and scheduler.queue_depth == 5
+        with pytest.raises(Refused) as refused:  # behind, 100 ms to its deadline, the hold ends in 200 ms
+            scheduler.submit(_image(9), RequestOptions(Hint(), 0.1, 2))
+        assert refused.value.status == 503 and "holds its batches" in refused.value.message
+        urgent = scheduler.submit(_image(7), RequestOptions(Hint(), 5.0, 1))  # a deadline, ahead of the head
+        assert len(policy.seen) == 2 and policy.seen[-1].queue[0].deadline is not None
+        await asyncio.sleep(hold_s + 0.05)  # the hold's timer asks again (and holds again)
+        assert len(policy.seen) == 3
+        for future in (first, urgent, *behind):
+            future.cancel()
+        scheduler.set_policy(ScriptedPolicy(lambda s, _: Decision(bits=1, requests=tuple(r.id for r in s.queue))))
+        await scheduler.drain()
+
+    asyncio.run(test())
+
+
 def test_snapshot_queue_is_priority_then_deadline_order() -> None:
     def script(snapshot: Snapshot, _: int) -> Decision:
         return Decision(bits=None)  # hold everything; the test only looks at the snapshot

@@ -19,7 +19,7 @@ from policies.machine_speed import read_csv as read_speed_csv
 from policies.profile import parse_profile, standin_document
 from policies.registry import build_policy
 from policies.simulator import CascadeOutcome, SimConfig, fixed8_capacity, max_window_power, simulate
-from policies.traces import TraceError, generate, read_csv
+from policies.traces import Arrival, Trace, TraceError, generate, read_csv
 
 SLOW = 10.0
 
@@ -89,6 +89,32 @@ def test_the_scheduler_cost_is_charged_per_batch_not_per_request() -> None:
     single_costly = dataclasses.replace(costly, max_batch_size=1)
     assert run("fixed-1", trace, single).slo_attainment >= 0.99
     assert run("fixed-1", trace, single_costly).slo_attainment < 0.9
+
+
+def test_a_holding_wait_is_asked_again_only_when_it_ends_and_refuses_what_it_would_make_late() -> None:
+    """Decision.hold, as the server's scheduler honours it: the arrivals behind the head during the hold ask
+    the policy nothing (one decision at the first arrival, one when the hold ends); an arrival that could
+    not finish by its deadline starting at the hold's end is refused at once, not left to expire."""
+    release = 0.1
+    calls: list[float] = []
+
+    class Holding:
+        name = "holding"
+
+        def decide(self, snapshot: Snapshot) -> Decision:
+            calls.append(snapshot.now)
+            if snapshot.now < release:
+                return Decision(bits=None, wait_until=release, reason="budget", hold=True)
+            return Decision(bits=1, requests=tuple(r.id for r in snapshot.queue[:32]), reason="go")
+
+    # the head is due at 95 ms, before the hold it asked for ends (this policy's own doing: it expires);
+    # the last arrival queues behind it (due at 96 ms) and cannot start before 100 ms: refused at once
+    arrivals = [Arrival(0.0, slo_ms=95.0)] + [Arrival(0.01 * i, slo_ms=500.0) for i in range(1, 6)]
+    arrivals.append(Arrival(0.06, slo_ms=36.0))
+    trace = Trace("held", tuple(arrivals), "a hold of 100 ms")
+    result = simulate(Holding, trace, PROFILE, dataclasses.replace(CONFIG, slo_ms=500.0))
+    assert calls == [0.0, release]
+    assert result.rejected == 1 and result.expired == 1 and result.served == 5
 
 
 def test_answer_delay_counts_toward_latency_and_batch_gap_toward_throughput() -> None:
