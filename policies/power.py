@@ -19,6 +19,9 @@ When the window pays for less than an efficient batch (``PowerCap.efficient_batc
 still make its deadline once the window has refilled for one, the policy waits for it; and while more
 arrives than the budget sustains at the cheapest bits, a head that cannot wait for an efficient batch is
 refused (``rushed_for_efficiency``) rather than served alone with the energy of the requests behind it.
+A wait for the budget holds (``Decision.hold``): an arrival behind the head cannot make the window refill
+sooner, so the server need not ask again before the wait ends; what would be hopeless by then is refused
+with the wait.
 
 Choosing bits for deadlines is not this policy's business (`composite` adds it), but spending the budget on
 late answers would be: a request that cannot finish by its deadline less ``margin_ms`` even started now,
@@ -151,17 +154,14 @@ def budget_target(
     planner: Planner, cap: PowerCap, queue: Sequence[QueuedRequest], now: float, max_batch_size: int
 ) -> int:
     """Images to wait for when the window is short: an efficient batch at the head's cheapest bits when
-    the head can still make its deadline once the window has refilled for one (a batch of 1 or 2 images
-    costs up to 1.7 x the energy per image of a full one at 1 bit on the bundled profile), else the head."""
+    all of it makes its deadline once the window has refilled for it (a batch of 1 or 2 images costs up
+    to 1.7 x the energy per image of a full one at 1 bit on the bundled profile), else the head alone."""
     head = queue[0]
     bits = planner.cheapest(head)
     if bits is None:
         return head.size
-    efficient = planner.fill(queue, bits, max_images=cap.efficient_batch(bits, max_batch_size))
-    images = sum(r.size for r in efficient)
-    start = max(now, cap.refilled(now, bits, images))
-    patient = planner.fitting_prefix(efficient, bits, start) == len(efficient)
-    return images if patient else head.size
+    images, on_time = _efficient_wait(planner, cap, queue, bits, now, max_batch_size)
+    return images if on_time else head.size
 
 
 def rushed_for_efficiency(
@@ -176,16 +176,22 @@ def rushed_for_efficiency(
         bits = planner.cheapest(head)
         if bits is None or cap.sustainable(bits, snapshot.arrival_rate, snapshot.max_batch_size):
             break
-        size = cap.efficient_batch(bits, snapshot.max_batch_size)
-        efficient = planner.fill(queue[i:], bits, max_images=size)
-        images = sum(r.size for r in efficient)
-        if images < size:
-            break  # a short queue: refusing gains nothing
-        start = max(now, cap.refilled(now, bits, images))
-        if planner.fitting_prefix(efficient, bits, start) == len(efficient):
-            break
+        images, on_time = _efficient_wait(planner, cap, queue[i:], bits, now, snapshot.max_batch_size)
+        if on_time or images < cap.efficient_batch(bits, snapshot.max_batch_size):
+            break  # it can wait, or the queue is too short to fill one: refusing gains nothing
         rushed.append(head.id)
     return tuple(rushed)
+
+
+def _efficient_wait(
+    planner: Planner, cap: PowerCap, queue: Sequence[QueuedRequest], bits: int, now: float, max_batch_size: int
+) -> tuple[int, bool]:
+    """The images of an efficient batch at ``bits`` from the head of ``queue``, and whether all of it
+    makes its deadlines when it starts as soon as the window has refilled for it."""
+    efficient = planner.fill(queue, bits, max_images=cap.efficient_batch(bits, max_batch_size))
+    images = sum(r.size for r in efficient)
+    start = max(now, cap.refilled(now, bits, images))
+    return images, planner.fitting_prefix(efficient, bits, start) == len(efficient)
 
 
 def _held(planner: Planner, wait: Decision, queue: Sequence[QueuedRequest]) -> Decision:
@@ -199,9 +205,9 @@ def _held(planner: Planner, wait: Decision, queue: Sequence[QueuedRequest]) -> D
 
 
 def _hopeless(planner: Planner, queue: Sequence[QueuedRequest], now: float) -> tuple[int, ...]:
-    """The requests late by their deadline less the margin even if started now, alone, at their cheapest
-    bits (``Planner.fitting_prefix`` of one request, without its loop: the server asks at every arrival
-    while the budget holds the engine, over queues of hundreds)."""
+    """The requests late by their deadline less the margin even if started ``now``, alone, at their cheapest
+    bits (``Planner.fitting_prefix`` of one request, without its loop: asked at every decision, over
+    queues of hundreds)."""
     hopeless = []
     for req in queue:
         if req.deadline is None:
