@@ -47,9 +47,11 @@ class CompositePolicy:
         target = budget_target(planner, cap, snapshot.queue, snapshot.now, snapshot.max_batch_size)
         waiting = cap.wait(snapshot.now, cheapest, target)
         if not cap.accept(cheapest, target):  # exhausted, or short of an efficient batch: only refusals to decide
-            late = planner.late_in_plan(snapshot.queue, snapshot.now)
+            # the wait holds as power's does (Decision.hold), so the plan is made from its end
+            start = waiting.wait_until if waiting.wait_until is not None else snapshot.now
+            late = planner.late_in_plan(snapshot.queue, start)
             reject = rushed + tuple(r.id for r in late)
-            return Decision(bits=None, reason=waiting.reason, reject=reject, wait_until=waiting.wait_until)
+            return replace(waiting, reject=reject)
         unsustainable = {
             b
             for b in planner.candidates(head)

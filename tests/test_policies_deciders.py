@@ -305,6 +305,18 @@ def test_power_policy_budget_exhausted_waits_for_the_window_to_refill() -> None:
     assert decision.bits == 1 and 0 < len(decision.requests) < 32
 
 
+def test_composite_budget_wait_holds_and_plans_from_its_end() -> None:
+    spent = PowerState(budget_w=15.0, window_s=1.0, energy_in_window_j=15.0, idle_w=5.0, watts_per_core=10.0)
+    s = snap([req(0, arrival=3.0)], now=3.0, power=spent)
+    decision = checked(build("composite").decide(s), s)
+    assert decision.bits is None and decision.hold and decision.reject == ()
+    assert decision.wait_until is not None and decision.wait_until > 3.0
+    due = decision.wait_until - 3.0 + LAT.latency(1, 1) / 2  # on time now, late once the wait has ended
+    s = snap([req(0, arrival=3.0), req(1, arrival=3.0, slo_ms=1e3 * due)], now=3.0, power=spent)
+    decision = checked(build("composite", margin_ms=0.0).decide(s), s)
+    assert decision.bits is None and decision.reject == (1,)
+
+
 def test_power_policy_spends_no_budget_on_late_answers() -> None:
     idle = PowerState(budget_w=15.0, window_s=1.0, energy_in_window_j=5.0, idle_w=5.0, watts_per_core=10.0)
     cheapest_alone = LAT.latency(1, 1)
