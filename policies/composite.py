@@ -6,7 +6,8 @@ remaining energy, and every bits but the head's cheapest that the budget could n
 arrival rate (``PowerCap.sustainable``, as in `power`); the slo rule then picks among what is left. When
 the cap leaves nothing, the decision waits for the budget to refill (refusing hopeless requests meanwhile).
 As in `power` (since session 12), the wait is for an efficient batch at the head's cheapest bits when the
-head can wait for one, and in budget overload heads that cannot wait for one are refused.
+head can wait for one, in budget overload heads that cannot wait for one are refused, and the wait holds
+(``Decision.hold``): the requests late in the plan from its end are refused with it.
 """
 
 from __future__ import annotations
