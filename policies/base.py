@@ -84,10 +84,6 @@ class LatencyProfile:
     def _cpu(self) -> LatencyProfile | None:
         return LatencyProfile(table=self.cpu_seconds) if self.cpu_seconds else None
 
-    @cached_property
-    def _efficient(self) -> dict[tuple[int, int, float], int]:
-        return {}
-
     def cpu_per_image(self, bits: int, max_batch: int) -> float:
         """The lowest CPU time per image over the profiled batch sizes up to ``max_batch``."""
         key = (bits, max_batch)
@@ -99,6 +95,10 @@ class LatencyProfile:
 
     @cached_property
     def _per_image(self) -> dict[tuple[int, int], float]:
+        return {}
+
+    @cached_property
+    def _efficient(self) -> dict[tuple[int, int, float], int]:
         return {}
 
     def cpu_efficient_batch(self, bits: int, max_batch: int, slack: float) -> int:

@@ -307,15 +307,15 @@ def simulate(
             rep = min(replicas, key=lambda r: (r.load(), r.index))
             rep.rate.observe(now, req.size)
             key = (req.priority, req.deadline if req.deadline is not None else float("inf"), req.arrival, req.id)
-            held = rep.hold is not None and now < rep.hold[0] and key > rep.hold[1]
-            if held and req.deadline is not None and rep.hold is not None:
+            held_until = rep.hold[0] if rep.hold is not None and now < rep.hold[0] and key > rep.hold[1] else None
+            if held_until is not None and req.deadline is not None:
                 # as the server's admission: refused at once if it cannot finish starting when the hold ends
                 fastest = min(latency.latency(b, req.size) for b in latency.bits if req.allows(b))
-                if rep.hold[0] + fastest * rep.scale.value(now) + rep.gap.value(now) > req.deadline:
+                if held_until + fastest * rep.scale.value(now) + rep.gap.value(now) > req.deadline:
                     rejected += 1
                     continue
             bisect.insort(rep.queue, (key, req), key=lambda item: item[0])
-            if not held:
+            if held_until is None:
                 dispatch(rep, now)
         elif kind == _DONE:
             rep = replicas[payload]

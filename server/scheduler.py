@@ -133,6 +133,10 @@ class _Hold:
     head: tuple[int, float, float, int]
     armed: bool = False  # the loop task has a timer for ``until``
 
+    def covers(self, now: float, key: tuple[int, float, float, int] | None) -> bool:
+        """Does the hold still stand for an arrival of ``key`` (None: no arrival, a finished batch)?"""
+        return now < self.until and (key is None or key > self.head)
+
 
 @dataclass(frozen=True, slots=True)
 class _Job:
@@ -350,7 +354,7 @@ class Scheduler:
         """When a request of ``key`` arriving now can start at the earliest: the end of a decision's hold if it
         queues behind the held head, else now."""
         hold = self._hold
-        return hold.until if hold is not None and now < hold.until and key > hold.head else now
+        return hold.until if hold is not None and hold.covers(now, key) else now
 
     def _profiled(self, bits: int, size: int) -> float:
         try:
@@ -432,7 +436,7 @@ class Scheduler:
         while self._queue and self._inflight < self.config.workers:
             hold = self._hold
             now = self._loop.time()
-            if hold is not None and now < hold.until and (arrival is None or arrival.key > hold.head):
+            if hold is not None and hold.covers(now, None if arrival is None else arrival.key):
                 if not hold.armed:  # decided by a worker: the loop task has no timer for it yet
                     hold.armed = True
                     self._decided_wait = (hold.until - now,)
