@@ -18,14 +18,12 @@
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
    SLO attainment, served accuracy, p50/p99, refused, energy; then `apserve simulate` on the same trace,
-   three times, with the calibration's front-end costs (1.) divided by its machine speed (the simulator
-   scales them, like the engine's latency, by the machine speed it is given): at the machine speed the
-   calibration measured just before (its engine CPU time over its profiled time; the prediction), as
-   profiled, and replaying how fast the machine ran during that policy's run (the server's engine CPU
-   time over its profiled time, per 1 s scrape: machine-speed.csv, policies.machine_speed). The first two
-   are predictions, made from what was known before the run; the third is told one thing more, the VM's
-   speed as it swung during the run, and so separates the model of the server from those swings. The
-   front end's costs as the run itself measured them are printed beside it, not used.
+   three times: at the machine speed the calibration (1.) measured just before (its engine CPU time over
+   its profiled time; the prediction), as profiled, and replaying how fast the machine ran during that
+   policy's run (the server's engine CPU time over its profiled time, per 1 s scrape: machine-speed.csv,
+   policies.machine_speed) with the front end's costs that run measured (the server's CPU time outside the
+   engine, process_cpu_seconds_total, split per request and per batch as in 1.). The first two are predictions, made from what was
+   known before the run; the third separates the model of the server from the VM's speed swings.
    With --rounds N, 3. runs N times in turn, calibrations included (the trace stays the one drawn from
    the first capacity), and the medians of the attainments per policy are printed beside every round's:
    on this VM one run of a policy at the peak can land 30 points from the next.
@@ -158,13 +156,6 @@ class FrontEnd:
     machine_speed: float = 1.0  # the engine's CPU time over its profiled time in the calibration run
     batch_cost_s: float = 0.0  # the worker's CPU time outside Engine.run per batch
 
-    def at_profile_speed(self) -> FrontEnd:
-        """The costs on a machine running as profiled: the simulator scales them by its machine speed,
-        as the engine's latency (the front end runs on the same VM)."""
-        return replace(
-            self, cost_s=self.cost_s / self.machine_speed, batch_cost_s=self.batch_cost_s / self.machine_speed
-        )
-
 
 def measure_front_end(work: Path, env: dict[str, str], seconds: float) -> FrontEnd:
     """The front end at saturation (fixed-1, where the engine's share is smallest and the front end's
@@ -211,9 +202,8 @@ def simulate(
     speed: Path | None = None,
 ) -> dict[str, Any]:
     cmd = [str(Path(sys.executable).with_name("apserve")), "simulate", "--trace", str(trace), "--policy", policy]
-    at_one = front.at_profile_speed()
-    cmd += ["--slo-ms", f"{slo_ms:g}", "--request-cost-us", f"{at_one.cost_s * 1e6:.1f}", "--json"]
-    cmd += ["--batch-cost-us", f"{at_one.batch_cost_s * 1e6:.1f}"]
+    cmd += ["--slo-ms", f"{slo_ms:g}", "--request-cost-us", f"{front.cost_s * 1e6:.1f}", "--json"]
+    cmd += ["--batch-cost-us", f"{front.batch_cost_s * 1e6:.1f}"]
     cmd += [
         "--batch-gap-us",
         f"{front.batch_gap_s * 1e6:.1f}",
@@ -557,8 +547,14 @@ def run_round(
         if speed is not None:
             speed_csv = work / policy / "machine-speed.csv"
             write_csv(speed_csv, speed)
-            replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, front, speed_csv)
+            # and the front end's cost as this run measured it (None: a server without process metrics)
+            split = results[policy].get("front_end_split_us")
+            as_run = front
+            if split is not None:
+                as_run = replace(front, cost_s=split["per_request"] / 1e6, batch_cost_s=split["per_batch"] / 1e6)
+            replayed[policy] = simulate(trace, policy, args.slo_ms, options, profile, as_run, speed_csv)
             replayed[policy]["machine_speed"] = {"min": min(speed.factors), "max": max(speed.factors)}
+            replayed[policy]["front_end_split_us"] = split
     return Round(fronts, budget, results, sims, as_profiled, replayed)
 
 
@@ -569,7 +565,7 @@ def print_table(one: Round, file: Any = None) -> None:
         "| policy | calibration: front end µs/request, µs/batch, gap µs, answer delay µs, machine speed, margin ms "
         "| SLO attainment | served accuracy | p50 ms | p99 ms | refused | energy J "
         "| simulated: attainment / accuracy | simulated as profiled "
-        "| simulated with the run's machine speed "
+        "| simulated with the run's machine speed and front-end cost "
         "| engine speed, min–max | front end in the run: µs/request (all), µs/request + µs/batch "
         "| VM steal, server / load core |",
         file=file,
@@ -605,9 +601,9 @@ def print_medians(rounds: list[Round]) -> None:
     print()
     print(
         "| policy | HTTP | simulated (the profile at the calibration's machine speed) | simulated as profiled "
-        "| with the run's machine speed | HTTP − simulated | HTTP − with the run's machine speed |"
+        "| with the run's machine speed and front-end cost | HTTP − simulated |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for policy in rounds[0].http:
         columns = [
             [one.http[policy].get("slo_attainment") for one in rounds],
@@ -616,12 +612,9 @@ def print_medians(rounds: list[Round]) -> None:
             [one.replayed.get(policy, {}).get("slo_attainment") for one in rounds],
         ]
         http_pct, sim_pct, profiled_pct, again_pct = ([100 * v for v in vs if v is not None] for vs in columns)
-        gaps = " | ".join(
-            f"{statistics.median(http_pct) - statistics.median(other):+.1f}" if http_pct and other else "n/a"
-            for other in (sim_pct, again_pct)
-        )
+        gap = f"{statistics.median(http_pct) - statistics.median(sim_pct):+.1f}" if http_pct and sim_pct else "n/a"
         cells = " | ".join(_median_cell(c) for c in (http_pct, sim_pct, profiled_pct, again_pct))
-        print(f"| {policy} | {cells} | {gaps} |")
+        print(f"| {policy} | {cells} | {gap} |")
 
 
 def _median_cell(values: list[float]) -> str:

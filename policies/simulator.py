@@ -17,11 +17,8 @@ under its budget) pays it per batch, not per request. The policy sees what batch
 ``Snapshot.latency_scale``, exactly as the server's scheduler measures it.
 
 ``machine_speed`` replays how fast the machine itself ran (policies.machine_speed): a batch starting at t
-takes its profiled latency x ``machine_speed.at(t)`` before the front end's share. The front end runs on
-the same core, so its costs (given at the profile's speed) scale by the same factor: a VM that slows
-slows its HTTP handling too (the experiment's calibrations measured front-end costs spread ±25 % with
-the machine's speed, ±10 % once divided by it). The energy charged stays the profiled one, as the
-server's power model charges it.
+takes its profiled latency x ``machine_speed.at(t)`` before the front end's share. The energy charged stays
+the profiled one, as the server's power model charges it.
 
 Two delays of the server that the share above does not cover, both constants measured on a running server
 (``apserve_batch_gap_seconds``, ``apserve_answer_delay_seconds``) and 0 unless given:
@@ -78,8 +75,8 @@ class SimConfig:
     window_s: float = 1.0
     budget_w: float | None = None  # reported to the policy in the power state
     cascade: CascadeOutcome | None = None
-    request_cost_s: float = 0.0  # front-end CPU per request on the engine's core, at the profile's speed
-    batch_cost_s: float = 0.0  # the scheduler's CPU per batch on the engine's core, at the profile's speed
+    request_cost_s: float = 0.0  # front-end CPU per request on the engine's core (see the module doc)
+    batch_cost_s: float = 0.0  # the scheduler's CPU per batch on the engine's core (see the module doc)
     machine_speed: MachineSpeed | None = None  # None: the machine always runs as profiled
     batch_gap_s: float = 0.0  # engine idle before a batch that follows another (see the module doc)
     answer_delay_s: float = 0.0  # from a batch's end until its answers are sent
@@ -154,8 +151,6 @@ class _Replica:
     def slowdown(self, now: float, config: SimConfig) -> float:
         """Engine time -> wall time while the front end and the scheduler take their share of the core."""
         share = self.rate.value(now) * config.request_cost_s + self.batch_rate.value(now) * config.batch_cost_s
-        if config.machine_speed is not None:
-            share *= config.machine_speed.at(now)
         return 1.0 / (1.0 - min(0.9, share))
 
     def load(self) -> int:

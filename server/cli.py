@@ -290,15 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-cost-us",
         type=float,
         default=0.0,
-        help="front-end CPU per request on the engine's core (HTTP in and out) at the profile's speed (scaled "
-        "by --machine-speed): slows batches as arrivals rise",
+        help="front-end CPU per request on the engine's core (HTTP in and out): slows batches as arrivals rise",
     )
     p.add_argument(
         "--batch-cost-us",
         type=float,
         default=0.0,
         help="the scheduler's CPU per batch on the engine's core (a server's apserve_worker_cpu_seconds_total "
-        "per batch) at the profile's speed (scaled by --machine-speed): slows batches as batches per second rise",
+        "per batch): slows batches as batches per second rise",
     )
     p.add_argument(
         "--machine-speed",

@@ -160,32 +160,6 @@ def test_a_replayed_machine_slowdown_overloads_fixed_bits_and_slo_moves_down() -
     assert slo_slowed.served_accuracy < slo.served_accuracy
 
 
-def test_the_front_end_slows_with_the_machine() -> None:
-    """The front end shares the engine's core and its VM: on a machine running 1.5 x its profiled time,
-    fixed 8 bits times as on a profile 1.5 x slower whose front end costs 1.5 x as much, and not as on one
-    whose front end costs what it did."""
-    trace = generate("poisson", CAPACITY, seed=6, duration=30.0 * SLOW, load=0.55)
-    doc = standin_document()
-    for row in doc["rows"]:
-        row["ms_median"] *= SLOW * 1.5
-        row["cpu_ms"] *= SLOW * 1.5
-    slower = parse_profile(doc, "stand-in x15")
-    request_cost, batch_cost = 0.15 / CAPACITY, 0.002 * SLOW
-    on_slow_machine = dataclasses.replace(
-        CONFIG,
-        request_cost_s=request_cost,
-        batch_cost_s=batch_cost,
-        machine_speed=MachineSpeed(starts=(0.0,), factors=(1.5,)),
-    )
-    scaled = dataclasses.replace(CONFIG, request_cost_s=1.5 * request_cost, batch_cost_s=1.5 * batch_cost)
-    unscaled = dataclasses.replace(CONFIG, request_cost_s=request_cost, batch_cost_s=batch_cost)
-    got = simulate(lambda: FixedPolicy(8), trace, PROFILE, on_slow_machine)
-    want = simulate(lambda: FixedPolicy(8), trace, slower, scaled)
-    assert got.slo_attainment == pytest.approx(want.slo_attainment, abs=0.002)
-    assert got.p99_ms == pytest.approx(want.p99_ms, rel=1e-3)
-    assert simulate(lambda: FixedPolicy(8), trace, slower, unscaled).slo_attainment > got.slo_attainment + 0.05
-
-
 def test_machine_speed_file(tmp_path: Path) -> None:
     path = tmp_path / "speed.csv"
     path.write_text("t_s,factor\n0.5,1.25\n1.5,0.9\n")
