@@ -107,7 +107,7 @@ def encode_infer(images: bytes, batch: int, parameters: Mapping[str, Any]) -> tu
     return head + images, headers
 
 
-def decode_infer(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
+def decode_infer(body: bytes, headers: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON part of a v2 reply (binary or plain JSON): its `parameters` hold bits, queue_us, ..."""
     length = next((v for k, v in headers.items() if k.lower() == HEADER_LENGTH.lower()), None)
     head = body[: int(length)] if length is not None else body
