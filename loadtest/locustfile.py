@@ -62,6 +62,8 @@ USER_TOP_RPS = SHAPE.top_rate / POOL if POOL else USER_RPS
 # After the shape's last arrival, the users stay (idle) this long before Locust stops them: stopping a
 # pool costs the load generator's CPU, which would otherwise delay reading the last replies.
 DRAIN_S = 2.0
+TIMEOUT_S = 60.0  # connect and read timeouts of a request
+STATS_NAME = {"ok": "infer", "rejected": "infer: refused", "timeout": "infer: expired"}  # in Locust's stats
 _started = time.monotonic()
 
 LOG_FIELDS = [
@@ -134,10 +136,6 @@ def _start_clock(**_kwargs) -> None:
     # takes tens of ms here, added to the latency of every request in flight (see server/serve.py)
     gc.freeze()
     _started = time.monotonic()
-
-
-TIMEOUT_S = 60.0
-STATS_NAME = {"ok": "infer", "rejected": "infer: refused", "timeout": "infer: expired"}
 
 
 class Failure(Exception):
