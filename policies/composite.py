@@ -34,7 +34,7 @@ class CompositePolicy:
             return self.slo.decide(snapshot)
         planner = Planner(snapshot, self.slo.margin_ms / 1000.0)
         cap = PowerCap.of(snapshot, self.budget_w, self.watts_per_core, planner)
-        rushed = rushed_for_efficiency(planner, cap, snapshot.queue, snapshot.now, snapshot)
+        rushed = rushed_for_efficiency(planner, cap, snapshot.queue, snapshot)
         if rushed:  # as in power: the budget runs short, not the queue
             snapshot = replace(snapshot, queue=snapshot.queue[len(rushed) :])
             if not snapshot.queue:

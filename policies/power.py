@@ -119,7 +119,7 @@ class PowerPolicy:
         if not queue:
             return Decision(bits=None, reason="all queued requests would be late", reject=reject)
         cap = PowerCap.of(snapshot, self.budget_w, self.watts_per_core, planner)
-        rushed = rushed_for_efficiency(planner, cap, queue, now, snapshot)
+        rushed = rushed_for_efficiency(planner, cap, queue, snapshot)
         if rushed:
             reject += rushed
             queue = queue[len(rushed) :]
@@ -165,18 +165,19 @@ def budget_target(
 
 
 def rushed_for_efficiency(
-    planner: Planner, cap: PowerCap, queue: Sequence[QueuedRequest], now: float, snapshot: Snapshot
+    planner: Planner, cap: PowerCap, queue: Sequence[QueuedRequest], snapshot: Snapshot
 ) -> tuple[int, ...]:
-    """With more arriving than the budget sustains at the cheapest bits: the leading requests that cannot
-    wait for an efficient batch (one that the budget allows by their deadline). Serving them alone costs up
-    to 1.7 x the energy per image of an efficient batch, taken from the requests behind them; the queue
-    holds enough to fill efficient batches, and the budget, not the queue, is what runs short."""
+    """With more arriving than the budget sustains at the cheapest bits: the leading requests of ``queue``
+    (the snapshot's, or what is left of it) that cannot wait for an efficient batch (one that the budget
+    allows by their deadline). Serving them alone costs up to 1.7 x the energy per image of an efficient
+    batch, taken from the requests behind them; the queue holds enough to fill efficient batches, and the
+    budget, not the queue, is what runs short."""
     rushed: list[int] = []
     for i, head in enumerate(queue):
         bits = planner.cheapest(head)
         if bits is None or cap.sustainable(bits, snapshot.arrival_rate, snapshot.max_batch_size):
             break
-        images, on_time = _efficient_wait(planner, cap, queue[i:], bits, now, snapshot.max_batch_size)
+        images, on_time = _efficient_wait(planner, cap, queue[i:], bits, snapshot.now, snapshot.max_batch_size)
         if on_time or images < cap.efficient_batch(bits, snapshot.max_batch_size):
             break  # it can wait, or the queue is too short to fill one: refusing gains nothing
         rushed.append(head.id)
