@@ -5,13 +5,14 @@ per-bits execution state (a native network description or an onnxruntime session
 first use and cached. The backend per bits comes from a profile (kernels.profiler) or the defaults:
 
 - 32: onnxruntime fp32 graph
-- 7, 8: the native integer kernels at width 16 (int16 codes x int16 weight levels -> int32, exact)
-- 2..6: the native integer kernels at width 8 (uint8 codes x int8 levels, exact int16 partial sums)
+- 2..8 on a CPU with AVX-512 VNNI: the native integer kernels at width 8 (uint8 codes x int8 levels)
+- otherwise 7, 8: the native integer kernels at width 16 (int16 codes x int16 weight levels -> int32,
+  exact), 2..6: width 8 (AVX2: exact int16 partial sums)
 - 1: the native bit-serial kernels (AND + popcount on the top-k bit-planes)
 
 Other backends a profile may pick: onnxruntime int8 (MatMulInteger on the codes) and fp32-codes graphs for
-any 1..8, the bit-serial kernels at any 1..8, width 8 at 1..7, width 16 at any 1..8, and each native
-dispatch path by name (``native-avx2``, ``int16-scalar``, ``int8-avx2``).
+any 1..8, the bit-serial kernels at any 1..8, width 8 at any 1..8 (1..7 on AVX2), width 16 at any 1..8,
+and each native dispatch path by name (``native-avx512``, ``int16-scalar``, ``int8-avx2``).
 
 Every backend computes in float64 outside the integer convs, like the reference engine, so the codes it
 quantizes are the reference's. One batch runs at a time per engine, on ``threads`` cores: concurrent
@@ -46,17 +47,17 @@ Backends = Mapping[int, str] | Mapping[str, str]  # bits (or its string, as in a
 def default_backend(bits: int) -> str:
     if bits == FP32:
         return ORT_FP32
-    if bits >= 7:
-        return INT16_PREFIX
-    if bits >= 2:
+    if bits == 1:
+        return NATIVE_PREFIX
+    if bits <= 6 or "avx512" in _integer_paths():
         return INT8_PREFIX
-    return NATIVE_PREFIX
+    return INT16_PREFIX
 
 
 def _integer_paths() -> list[str]:
     from kernels import clib
 
-    return [p for p in clib.available_paths() if p in ("avx2", "scalar")]
+    return clib.available_paths()
 
 
 def backends_for(bits: int) -> list[str]:
@@ -66,15 +67,19 @@ def backends_for(bits: int) -> list[str]:
     if bits == FP32:
         return [ORT_FP32]
     native = [f"{NATIVE_PREFIX}-{p}" for p in bitserial.available_paths()]
-    wide = [f"{prefix}-{p}" for prefix in _integer_prefixes(bits) for p in _integer_paths()]
+    wide = [f"{prefix}-{p}" for prefix in _integer_prefixes(bits) for p in _integer_paths() if _serves(prefix, p, bits)]
     return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + wide + native
 
 
 def _integer_prefixes(bits: int) -> list[str]:
-    """The integer kernel widths that serve ``bits`` (int8 levels reach 7 bits)."""
+    """The integer kernel widths that serve ``bits`` on some path."""
+    return [prefix for prefix in INTEGER_WIDTH if _serves(prefix, "scalar", bits)]
+
+
+def _serves(prefix: str, path: str, bits: int) -> bool:
     from kernels import integer
 
-    return [prefix for prefix, width in INTEGER_WIDTH.items() if 1 <= bits <= integer.max_bits(width)]
+    return 1 <= bits <= integer.max_bits(INTEGER_WIDTH[prefix], path)
 
 
 def check_backend(bits: int, name: str) -> None:
@@ -87,7 +92,10 @@ def check_backend(bits: int, name: str) -> None:
     elif name == NATIVE_PREFIX or name.startswith(f"{NATIVE_PREFIX}-"):
         ok = 1 <= bits <= 8
     elif name.split("-")[0] in INTEGER_WIDTH:
-        ok = name.split("-")[0] in _integer_prefixes(bits)
+        from kernels import integer
+
+        prefix, _, path = name.partition("-")
+        ok = _serves(prefix, path, bits) if path in integer.PATHS else prefix in _integer_prefixes(bits)
     else:
         ok = name == ORT_FP32_CODES or (name == ORT_INT8 and bits >= 3)
     if not ok:
@@ -172,8 +180,10 @@ def build_runner(artifact: Artifact, bits: int, backend: str, threads: int) -> t
         from kernels import integer
 
         path = backend[len(prefix) + 1 :] or "auto"
-        if path not in ("auto", *_integer_paths()):
-            path = "auto"  # a profile from another CPU: take the best path this one has
+        if path not in _integer_paths():
+            path = _integer_paths()[0]  # auto, or a profile from another CPU: the best path here
+        if not _serves(prefix, path, bits):
+            prefix = INT16_PREFIX  # e.g. int8 at 8 bits from an AVX-512 profile on an AVX2 CPU
         wide = integer.IntegerNet(artifact, bits, INTEGER_WIDTH[prefix], path)
         return f"{prefix}-{wide.path}", lambda x: wide.run(_float64_nhwc(x), threads)
     if backend.startswith(NATIVE_PREFIX):

@@ -1,10 +1,12 @@
 """The native integer kernels (kernels/native/integer.c): each conv as dot products of activation codes and
-weight levels into int32, at width 16 (int16 x int16, AVX2 vpmaddwd, any bits) or width 8 (uint8 x int8,
-AVX2 vpmaddubsw with int16 partial sums widened before they can overflow, bits <= 7).
+weights into int32, at width 16 (int16 codes x int16 levels: AVX2 vpmaddwd, AVX-512 VNNI vpdpwssd; any
+bits) or width 8 (uint8 codes x int8 levels: AVX-512 VNNI vpdpbusd, any bits; AVX2 vpmaddubsw with int16
+partial sums widened before they can overflow, bits <= 7).
 
-Each conv's weights are its k-bit levels 2c + 1 - 2^k, packed once per bits for the AVX2 core
+Each conv's weights are its k-bit levels 2c + 1 - 2^k, packed once per bits for the SIMD cores
 (``pack_levels``): about 1.4 MB (width 16) or 0.7 MB (width 8) per bits for the bundled model, beside the
-artifact's planes. The requantizer between layers is the reference's float64 expression (or, up to 3 bits,
+artifact's planes. At 8 bits the levels reach +-255, so width 8 stores the half-levels c - 128 instead (the
+level is twice that plus one; the kernel adds the window's activation sum back). The requantizer between layers is the reference's float64 expression (or, up to 3 bits,
 a count of thresholds found on it), so the codes, and the logits, are the bit-serial kernels'
 (tests/test_kernels_integer.py).
 """
@@ -32,9 +34,22 @@ _P = clib.P
 THRESHOLD_MAX_BITS = 3
 
 
-def max_bits(width: int) -> int:
-    """The most bits a width serves: int8 levels reach +-127 (7 bits)."""
-    return 7 if width == 8 else 8
+PATHS = ("avx512", "avx2", "scalar")
+
+
+def resolve_path(path: str) -> str:
+    """``auto`` -> the best path this CPU runs; a named path as it is."""
+    if path == "auto":
+        return best_path()
+    if path not in PATHS:
+        raise ValueError(f"the integer kernels have paths {', '.join(PATHS)}, not {path!r}")
+    return path
+
+
+def max_bits(width: int, path: str) -> int:
+    """The most bits a width serves on a (resolved) path: AVX2's int16 pair sums of uint8 x int8 products
+    saturate at 8 bits (integer.c explains), VNNI's int32 sums and the scalar code's do not."""
+    return 7 if (width, path) == (8, "avx2") else 8
 
 
 class _Block(ctypes.Structure):
@@ -70,17 +85,17 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def _check_width(width: int, bits: int) -> None:
+def _check_width(width: int, bits: int, path: str = "scalar") -> None:
     if width not in WIDTHS:
         raise ValueError(f"the integer kernels have widths {WIDTHS}, not {width}")
-    if not 1 <= bits <= max_bits(width):
-        raise ValueError(f"width {width} serves 1..{max_bits(width)} bits, not {bits}")
+    if not 1 <= bits <= max_bits(width, path):
+        raise ValueError(f"width {width} on {path} serves 1..{max_bits(width, path)} bits, not {bits}")
 
 
 def pack_levels(planes: np.ndarray, bits: int, rows: int, width: int = 16) -> np.ndarray:
-    """Artifact planes [8, cout, row_bytes] of a 3x3 conv with ``rows`` = 9 cin -> the k-bit levels
-    2c + 1 - 2^k, [cout / COLS, rows / G, COLS, G] of int16 (G = 2) or int8 (G = 4, width 8): G input
-    channels of one output block side by side."""
+    """Artifact planes [8, cout, row_bytes] of a 3x3 conv with ``rows`` = 9 cin -> [cout / COLS, rows / G,
+    COLS, G], G input channels of one output block side by side: the k-bit levels 2c + 1 - 2^k as int16
+    (G = 2, width 16) or int8 (G = 4, width 8; at 8 bits the half-levels c - 128)."""
     _check_width(width, bits)
     group = _GROUP[width]
     codes = unpack_codes(planes, bits, rows).astype(np.int16)  # [cout, rows]
@@ -89,15 +104,15 @@ def pack_levels(planes: np.ndarray, bits: int, rows: int, width: int = 16) -> np
         raise ValueError(
             f"width {width} needs cout % {COLS} == 0 and cin % {group} == 0, not {cout} x {rows // 9} (x 9 taps)"
         )
-    levels = (2 * codes + 1 - (1 << bits)).astype(_DTYPE[width])
-    return np.ascontiguousarray(levels.reshape(cout // COLS, COLS, rows // group, group).transpose(0, 2, 1, 3))
+    weights = (codes - 128 if (width, bits) == (8, 8) else 2 * codes + 1 - (1 << bits)).astype(_DTYPE[width])
+    return np.ascontiguousarray(weights.reshape(cout // COLS, COLS, rows // group, group).transpose(0, 2, 1, 3))
 
 
 def conv_levels(codes: np.ndarray, packed: np.ndarray, bits: int, stride: int, path: str = "auto") -> np.ndarray:
-    """I = sum_j level_j a_j of a 3x3 conv (pad 1) on k-bit activation codes [B, H, W, cin] with packed levels
-    (``pack_levels``; the width follows their dtype): int32 [B, Ho, Wo, cout]."""
+    """I = sum_j level_j a_j of a 3x3 conv (pad 1) on k-bit activation codes [B, H, W, cin] with packed
+    weights (``pack_levels``; the width follows their dtype): int32 [B, Ho, Wo, cout]."""
     width = 8 if packed.dtype == np.int8 else 16
-    _check_width(width, bits)
+    _check_width(width, bits, resolve_path(path))
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     b, h, w, cin = codes.shape
     cout = packed.shape[0] * COLS
@@ -133,15 +148,12 @@ def _set_thresholds(
 
 class IntegerNet:
     """The whole network at ``bits`` on the integer kernels of ``width`` (8 or 16): ``run(images float64
-    [B, 28, 28]) -> logits``. ``path``: avx2 or scalar (auto: the best this CPU has; AVX-512 CPUs run the
-    AVX2 code)."""
+    [B, 28, 28]) -> logits``. ``path``: avx512, avx2 or scalar (auto: the best this CPU has)."""
 
     def __init__(self, artifact: Artifact, bits: int, width: int = 16, path: str = "auto"):
-        _check_width(width, bits)
+        self.path = resolve_path(path)
+        _check_width(width, bits, self.path)
         self.bits, self.width = bits, width
-        self.path = path if path != "auto" else ("scalar" if best_path() == "scalar" else "avx2")
-        if self.path not in ("avx2", "scalar"):
-            raise ValueError(f"the integer kernels have avx2 and scalar paths, not {self.path!r}")
         self._path = clib.path_code(self.path)
         keep: list[np.ndarray] = []  # every array the C structs point into
         parts = clib.FloatParts(artifact, bits, keep)

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from kernels import clib
 from kernels import engine as engine_mod
 from kernels.engine import Engine
 from kernels.reference import ReferenceEngine
@@ -56,6 +57,8 @@ def test_default_backends_agree_with_reference(bundled, reference, images, bits)
         (3, "int8-scalar"),
         (7, "int8"),
         (1, "int8-avx2"),
+        (8, "int8"),  # VNNI where the CPU has it, else (AVX2 cannot serve 8 bits at width 8) int16
+        (8, "int8-scalar"),
     ],
 )
 def test_non_default_backends_agree(bundled, reference, images, bits, backend):
@@ -68,10 +71,20 @@ def test_non_default_backends_agree(bundled, reference, images, bits, backend):
 def test_backend_names(bundled):
     eng = Engine(bundled)
     assert eng.backend(32) == "onnxruntime-fp32"
-    assert eng.backend(8).startswith("int16-") and eng.backend(8) != "int16-"
+    vnni = "avx512" in clib.available_paths()  # VNNI serves every bits at width 8
+    assert (
+        eng.backend(8) == "int8-avx512" if vnni else eng.backend(8).startswith("int16-") and eng.backend(8) != "int16-"
+    )
     assert eng.backend(4).startswith("int8-") and eng.backend(4) != "int8-"
     assert eng.backend(1).startswith("native-") and eng.backend(1) != "native-"
     assert eng.bits == bundled.bits
+
+
+def test_a_profile_from_another_cpu_falls_back_to_what_this_one_runs(bundled, monkeypatch):
+    """An AVX-512 machine's profile on an AVX2-only CPU: int8 at 8 bits needs VNNI, so width 16 serves it."""
+    monkeypatch.setattr(engine_mod, "_integer_paths", lambda: ["avx2", "scalar"])
+    eng = Engine(bundled, backends={8: "int8-avx512", 4: "int8-avx512"})
+    assert (eng.backend(8), eng.backend(4)) == ("int16-avx2", "int8-avx2")
 
 
 def test_uint8_and_float_inputs_agree(bundled, images):

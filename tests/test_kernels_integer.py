@@ -1,6 +1,6 @@
-"""The native integer kernels (int16 and int8 widths): each dispatch path is bit-exact against a plain numpy
-integer conv, and the whole network gives the bit-serial kernels' logits exactly (the same codes, from the
-same float64 requantizer), on every path."""
+"""The native integer kernels (int16 and int8 widths): each dispatch path this CPU runs (AVX-512 VNNI, AVX2,
+scalar) is bit-exact against a plain numpy integer conv, and the whole network gives the bit-serial
+kernels' logits exactly (the same codes, from the same float64 requantizer), on every path."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from kernels.reference import to_input
 from model_store.artifact import pack_planes
 from tests.test_kernels_native import integer_conv
 
-PATHS = [p for p in bitserial.available_paths() if p in ("avx2", "scalar")]
+PATHS = bitserial.available_paths()
+
+
+def _skip_unless_served(width: int, bits: int, path: str) -> None:
+    if bits > integer.max_bits(width, path):
+        pytest.skip(f"width {width} on {path} serves 1..{integer.max_bits(width, path)} bits")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -32,9 +37,12 @@ PATHS = [p for p in bitserial.available_paths() if p in ("avx2", "scalar")]
         (132, 32, 4, 1, 5, 8),  # widened every 17 quads, mid-tap
         (64, 16, 3, 2, 6, 8),
         (128, 48, 1, 1, 7, 8),  # widened after every quad
+        (64, 32, 7, 1, 8, 8),  # 8 bits, half-levels: VNNI and scalar only
+        (8, 16, 3, 2, 8, 8),
     ],
 )
 def test_integer_conv_matches_numpy(path, cin, cout, size, stride, bits, width):
+    _skip_unless_served(width, bits, path)
     rng = np.random.default_rng(cin * 1000 + cout + bits)
     codes8 = rng.integers(0, 256, size=(cout, 9 * cin), dtype=np.uint8)
     packed = integer.pack_levels(pack_planes(codes8), bits, 9 * cin, width)
@@ -45,10 +53,11 @@ def test_integer_conv_matches_numpy(path, cin, cout, size, stride, bits, width):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize(("bits", "width"), [(8, 16), *((k, 8) for k in range(1, 8))])
+@pytest.mark.parametrize(("bits", "width"), [(8, 16), *((k, 8) for k in range(1, 9))])
 def test_extreme_codes_do_not_overflow(path, bits, width):
     """Largest activations against the most negative and most positive levels, over a whole 3x3x128
     window: the largest sums each width's partial sums can meet (int16 pair sums at width 8), exact."""
+    _skip_unless_served(width, bits, path)
     cin, cout = 128, 16
     codes8 = np.full((cout, 9 * cin), 255, np.uint8)
     codes8[1::2] = 0
@@ -60,11 +69,15 @@ def test_extreme_codes_do_not_overflow(path, bits, width):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize(("bits", "width"), [(3, 16), (5, 16), (8, 16), (1, 8), (2, 8), (3, 8), (4, 8), (6, 8)])
+@pytest.mark.parametrize(
+    ("bits", "width"), [(3, 16), (5, 16), (8, 16), (1, 8), (2, 8), (3, 8), (4, 8), (6, 8), (7, 8), (8, 8)]
+)
 def test_logits_equal_the_bit_serial_kernels(bundled, test_split, bits, width):
     x = to_input(test_split.images[:12][:, None], np.float64)[..., 0]
     want = bitserial.BitSerialNet(bundled, bits, "avx2" if "avx2" in PATHS else "scalar").run(x)
     for path in PATHS:
+        if bits > integer.max_bits(width, path):
+            continue
         got = integer.IntegerNet(bundled, bits, width, path).run(x, threads=1)
         np.testing.assert_array_equal(got, want, err_msg=f"int{width}-{path} differs from the bit-serial kernels")
 
@@ -85,9 +98,10 @@ def test_bad_shapes_widths_and_paths_are_refused(bundled):
     packed = integer.pack_levels(pack_planes(np.zeros((16, 9 * 4), np.uint8)), 8, 9 * 4)
     with pytest.raises(ValueError, match="needs 54"):
         integer.conv_levels(np.zeros((1, 3, 3, 6), np.uint8), packed, 8, 1)
-    with pytest.raises(ValueError, match="1..7 bits, not 8"):
-        integer.IntegerNet(bundled, 8, width=8)
+    if "avx2" in PATHS:
+        with pytest.raises(ValueError, match="avx2 serves 1..7 bits, not 8"):
+            integer.IntegerNet(bundled, 8, 8, "avx2")
     with pytest.raises(ValueError, match="widths"):
         integer.IntegerNet(bundled, 4, width=4)
-    with pytest.raises(ValueError, match="avx2 and scalar"):
-        integer.IntegerNet(bundled, 8, 16, "avx512")
+    with pytest.raises(ValueError, match="paths avx512, avx2, scalar"):
+        integer.IntegerNet(bundled, 8, 16, "neon")

@@ -1,5 +1,6 @@
-/* AVX-512 kernels of bitserial.c (included by it only): the AND+popcount core. Everything around the core
- * runs the AVX2 code, which this target includes. */
+/* AVX-512 kernels of bitserial.c (included by it only): the AND+popcount core and the per-pixel work
+ * around it (stem, epilogues, activation packing), each the AVX2 code's twin at 8 lanes per zmm and
+ * tested equal to the portable C. The AVX2 code this target includes runs the rest (the gather). */
 
 /* AVX-512: 8 pixels = one zmm, VPOPCNTQ per 64-bit lane; 4 output channels share each activation load. */
 TARGET_AVX512 static void core_avx512(const uint64_t *tile, const uint64_t *w, int bits, int cout, int rw, int64_t *dot) {
@@ -19,10 +20,20 @@ TARGET_AVX512 static void core_avx512(const uint64_t *tile, const uint64_t *w, i
                     s2 = _mm512_add_epi64(s2, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[2 * rw + i]))));
                     s3 = _mm512_add_epi64(s3, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[3 * rw + i]))));
                 }
-                acc0 = _mm512_add_epi64(acc0, _mm512_sll_epi64(s0, shift));
-                acc1 = _mm512_add_epi64(acc1, _mm512_sll_epi64(s1, shift));
-                acc2 = _mm512_add_epi64(acc2, _mm512_sll_epi64(s2, shift));
-                acc3 = _mm512_add_epi64(acc3, _mm512_sll_epi64(s3, shift));
+                if (2 * bits - 2 - p - q) { /* never at 1 bit, whose one plane pair is the whole sum */
+                    s0 = _mm512_sll_epi64(s0, shift);
+                    s1 = _mm512_sll_epi64(s1, shift);
+                    s2 = _mm512_sll_epi64(s2, shift);
+                    s3 = _mm512_sll_epi64(s3, shift);
+                }
+                if (p == 0 && q == 0) {
+                    acc0 = s0, acc1 = s1, acc2 = s2, acc3 = s3;
+                } else {
+                    acc0 = _mm512_add_epi64(acc0, s0);
+                    acc1 = _mm512_add_epi64(acc1, s1);
+                    acc2 = _mm512_add_epi64(acc2, s2);
+                    acc3 = _mm512_add_epi64(acc3, s3);
+                }
             }
         }
         _mm512_storeu_si512((void *)(dot + (size_t)o * TILE), acc0);
@@ -31,4 +42,186 @@ TARGET_AVX512 static void core_avx512(const uint64_t *tile, const uint64_t *w, i
         _mm512_storeu_si512((void *)(dot + (size_t)(o + 3) * TILE), acc3);
     }
     for (; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
+}
+
+/* stem_avx2 at 8 channels per vector: 16 channels (two zmm) x up to 4 horizontally adjacent pixels whose
+ * windows are inside the image in x, per channel the scalar stem's operations in its order. */
+TARGET_AVX512 AI void stem_pixels_avx512(const double *img, int H, int W, int kk, const double *wt, int cout, int y,
+                                         int x, int four, double *out) {
+    const int pad = kk / 2;
+    for (int o = 0; o < cout; o += 16) {
+        __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+        for (int ky = 0; ky < kk; ky++) {
+            const int iy = y + ky - pad;
+            if (iy < 0 || iy >= H) continue;
+            for (int kx = 0; kx < kk; kx++) {
+                const int ix = x + kx - pad;
+                if (!four && (ix < 0 || ix >= W)) continue;
+                const double *wr = wt + (size_t)(ky * kk + kx) * cout + o;
+                const __m512d w0 = _mm512_loadu_pd(wr), w1 = _mm512_loadu_pd(wr + 8);
+                const double *src = img + iy * W + ix;
+                __m512d v = _mm512_set1_pd(src[0]);
+                a0 = _mm512_add_pd(a0, _mm512_mul_pd(v, w0));
+                a1 = _mm512_add_pd(a1, _mm512_mul_pd(v, w1));
+                if (four) {
+                    v = _mm512_set1_pd(src[1]);
+                    b0 = _mm512_add_pd(b0, _mm512_mul_pd(v, w0));
+                    b1 = _mm512_add_pd(b1, _mm512_mul_pd(v, w1));
+                    v = _mm512_set1_pd(src[2]);
+                    c0 = _mm512_add_pd(c0, _mm512_mul_pd(v, w0));
+                    c1 = _mm512_add_pd(c1, _mm512_mul_pd(v, w1));
+                    v = _mm512_set1_pd(src[3]);
+                    d0 = _mm512_add_pd(d0, _mm512_mul_pd(v, w0));
+                    d1 = _mm512_add_pd(d1, _mm512_mul_pd(v, w1));
+                }
+            }
+        }
+        double *dst = out + ((size_t)y * W + x) * cout + o;
+        _mm512_storeu_pd(dst, a0);
+        _mm512_storeu_pd(dst + 8, a1);
+        if (four) {
+            _mm512_storeu_pd(dst + cout, b0);
+            _mm512_storeu_pd(dst + cout + 8, b1);
+            _mm512_storeu_pd(dst + 2 * cout, c0);
+            _mm512_storeu_pd(dst + 2 * cout + 8, c1);
+            _mm512_storeu_pd(dst + 3 * cout, d0);
+            _mm512_storeu_pd(dst + 3 * cout + 8, d1);
+        }
+    }
+}
+
+TARGET_AVX512 static void stem_avx512(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
+    const int pad = kk / 2;
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W;) {
+            if (x >= pad && x + 3 + pad < W) {
+                stem_pixels_avx512(img, H, W, kk, wt, cout, y, x, 1, out);
+                x += 4;
+            } else {
+                stem_pixels_avx512(img, H, W, kk, wt, cout, y, x, 0, out);
+                x += 1;
+            }
+        }
+}
+
+/* The AVX2 per-pixel work at 8 lanes per zmm, where it is worth it: the compares of the packing code
+ * become mask registers, kept as one byte per channel; 64 channels' bytes are one zmm, from which
+ * vptestmb picks out a pixel's (or, below, a plane's) 64-bit word in one instruction. */
+
+/* epilogue_pack_avx2_k, the 8 lanes of a tile in one zmm. */
+TARGET_AVX512 AI void epilogue_pack_avx512_k(const int64_t *dot, const int64_t *asum, const int *pix, const int *dst,
+                                             int cout, int bits, const int64_t *thr_t, const int32_t *sign,
+                                             uint64_t *out, size_t Po) {
+    const int n = (1 << bits) - 1, cwo = words_for(cout);
+    const int64_t offset = 1 - (1LL << bits);
+    const __m512i oa = _mm512_set_epi64(offset * asum[7], offset * asum[6], offset * asum[5], offset * asum[4],
+                                        offset * asum[3], offset * asum[2], offset * asum[1], offset * asum[0]);
+    const __m512i zero = _mm512_setzero_si512();
+    for (int wd = 0; wd < cwo; wd++) {
+        uint8_t masks[MAX_BITS][64]; /* [plane][channel]: bit t = lane t's bit of that plane */
+        const int o0 = wd * 64, o1 = o0 + 64 < cout ? o0 + 64 : cout;
+        if (o1 - o0 < 64) memset(masks, 0, sizeof masks);
+        for (int o = o0; o < o1; o++) {
+            __m512i v = _mm512_add_epi64(_mm512_slli_epi64(_mm512_loadu_si512((const void *)(dot + (size_t)o * TILE)), 1), oa);
+            v = _mm512_mask_sub_epi64(v, sign[o] < 0 ? 0xFF : 0, zero, v); /* sign * I */
+            __mmask8 p[MAX_BITS] = {0};
+            for (int j = 1; j <= n; j++) {
+                const __mmask8 m = _mm512_cmpgt_epi64_mask(v, _mm512_set1_epi64(thr_t[(size_t)(j - 1) * cout + o] - 1));
+                for (int b = 0; b < bits && (j & ((1 << b) - 1)) == 0; b++) p[bits - 1 - b] ^= m;
+            }
+            for (int q = 0; q < bits; q++) masks[q][o - o0] = p[q];
+        }
+        for (int q = 0; q < bits; q++) {
+            const __m512i bytes = _mm512_loadu_si512((const void *)masks[q]);
+            uint64_t *plane = out + ((size_t)q * cwo + wd) * Po;
+            for (int t = 0; t < TILE; t++)
+                if (pix[t] >= 0) plane[dst[t]] = _mm512_test_epi8_mask(bytes, _mm512_set1_epi8((char)(1 << t)));
+        }
+    }
+}
+
+TARGET_AVX512 static void epilogue_pack_avx512(const int64_t *dot, const int64_t *asum, const int *pix, const int *dst,
+                                               int cout, int bits, const int64_t *thr_t, const int32_t *sign,
+                                               uint64_t *out, size_t Po) {
+    switch (bits) {
+    case 1: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, 1, thr_t, sign, out, Po); break;
+    case 2: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, 2, thr_t, sign, out, Po); break;
+    default: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, bits, thr_t, sign, out, Po);
+    }
+}
+
+/* epilogue_residual_avx2 for cout % 8 == 0: 8x8 blocks of dot ([o][t]) converted to double (vcvtqq2pd,
+ * exact for |I| < 2^53) and transposed to pixel rows; then the same multiply and add. */
+TARGET_AVX512 static void epilogue_residual_avx512(const int64_t *dot, const int64_t *asum, const int *pix, int cout,
+                                                   int bits, const double *alpha, double *res) {
+    const int64_t offset = 1 - (1LL << bits);
+    const __m512i oa = _mm512_set_epi64(offset * asum[7], offset * asum[6], offset * asum[5], offset * asum[4],
+                                        offset * asum[3], offset * asum[2], offset * asum[1], offset * asum[0]);
+    for (int o = 0; o < cout; o += 8) {
+        __m512d r[8], s[8], c[8];
+        for (int k = 0; k < 8; k++)
+            r[k] = _mm512_cvtepi64_pd(
+                _mm512_add_epi64(_mm512_slli_epi64(_mm512_loadu_si512((const void *)(dot + (size_t)(o + k) * TILE)), 1), oa));
+        /* transpose: c[t] lane k = r[k] lane t (pairs, then 128-bit lanes twice) */
+        for (int k = 0; k < 8; k += 2) {
+            s[k] = _mm512_unpacklo_pd(r[k], r[k + 1]);
+            s[k + 1] = _mm512_unpackhi_pd(r[k], r[k + 1]);
+        }
+        for (int h = 0; h < 8; h += 4) {
+            r[h] = _mm512_shuffle_f64x2(s[h], s[h + 2], 0x88);     /* lanes 0, 4 of rows h..h+3 */
+            r[h + 1] = _mm512_shuffle_f64x2(s[h], s[h + 2], 0xDD); /* lanes 2, 6 */
+            r[h + 2] = _mm512_shuffle_f64x2(s[h + 1], s[h + 3], 0x88); /* lanes 1, 5 */
+            r[h + 3] = _mm512_shuffle_f64x2(s[h + 1], s[h + 3], 0xDD); /* lanes 3, 7 */
+        }
+        c[0] = _mm512_shuffle_f64x2(r[0], r[4], 0x88);
+        c[4] = _mm512_shuffle_f64x2(r[0], r[4], 0xDD);
+        c[2] = _mm512_shuffle_f64x2(r[1], r[5], 0x88);
+        c[6] = _mm512_shuffle_f64x2(r[1], r[5], 0xDD);
+        c[1] = _mm512_shuffle_f64x2(r[2], r[6], 0x88);
+        c[5] = _mm512_shuffle_f64x2(r[2], r[6], 0xDD);
+        c[3] = _mm512_shuffle_f64x2(r[3], r[7], 0x88);
+        c[7] = _mm512_shuffle_f64x2(r[3], r[7], 0xDD);
+        const __m512d al = _mm512_loadu_pd(alpha + o);
+        for (int t = 0; t < TILE; t++) {
+            if (pix[t] < 0) continue;
+            double *d = res + (size_t)pix[t] * cout + o;
+            _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_mul_pd(c[t], al)));
+        }
+    }
+}
+
+/* pack_activations_avx2_k for c % 8 == 0: eight channels per compare, each compare a mask byte. */
+TARGET_AVX512 AI void pack_activations_avx512_k(const double *x, int H, int W, int c, const double *thr_t,
+                                                const int32_t *sign, int bits, uint64_t *out) {
+    const int cw = words_for(c), n = (1 << bits) - 1;
+    const size_t P = plane_stride(H, W);
+    memset(out, 0, sizeof(uint64_t) * P * bits * cw);
+    for (int i = 0; i < H * W; i++) {
+        uint64_t *dst = out + (size_t)(i / W + 1) * (W + 2) + i % W + 1;
+        const double *src = x + (size_t)i * c;
+        for (int j = 0; j < cw; j++) {
+            uint64_t word[MAX_BITS] = {0};
+            const int c1 = 64 * j + 64 < c ? 64 * j + 64 : c;
+            for (int ch = 64 * j; ch < c1; ch += 8) {
+                const __m512d v = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)(sign + ch))),
+                                                _mm512_loadu_pd(src + ch));
+                __mmask8 plane[MAX_BITS] = {0};
+                for (int k = 1; k <= n; k++) {
+                    const __mmask8 m = _mm512_cmp_pd_mask(v, _mm512_loadu_pd(thr_t + (size_t)(k - 1) * c + ch), _CMP_GE_OQ);
+                    for (int b = 0; b < bits && (k & ((1 << b) - 1)) == 0; b++) plane[bits - 1 - b] ^= m;
+                }
+                for (int q = 0; q < bits; q++) word[q] |= (uint64_t)plane[q] << (ch & 63);
+            }
+            for (int q = 0; q < bits; q++) dst[((size_t)q * cw + j) * P] = word[q];
+        }
+    }
+}
+
+TARGET_AVX512 static void pack_activations_avx512(const double *x, int H, int W, int c, const double *thr_t,
+                                                  const int32_t *sign, int bits, uint64_t *out) {
+    switch (bits) {
+    case 1: pack_activations_avx512_k(x, H, W, c, thr_t, sign, 1, out); break;
+    case 2: pack_activations_avx512_k(x, H, W, c, thr_t, sign, 2, out); break;
+    default: pack_activations_avx512_k(x, H, W, c, thr_t, sign, bits, out);
+    }
 }

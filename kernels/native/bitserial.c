@@ -16,8 +16,8 @@
  * epilogue (scale, BN, clip, requantize, pack; or scale + float residual add) runs on the tile while it
  * is still in cache. Accumulators are 64-bit. The SIMD code lives in avx2.h and avx512.h.
  *
- * Dispatch: AVX-512 VPOPCNTDQ -> AVX2 -> portable C, chosen at run time per call (target attributes, no
- * -march flags at build time). The portable C core is the scalar reference the SIMD cores are tested
+ * Dispatch: AVX-512 (VPOPCNTDQ; VNNI for integer.c) -> AVX2 -> portable C, chosen at run time per call
+ * (target attributes, no -march flags at build time). The portable C core is the scalar reference the SIMD cores are tested
  * against, bit for bit. Build with -ffp-contract=off: the float epilogue must round identically on every
  * path.
  */
@@ -37,6 +37,8 @@ int apq_cpu_supports(int path) {
     if (path == PATH_AVX2) return __builtin_cpu_supports("avx2");
     if (path == PATH_AVX512)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vnni") &&
                __builtin_cpu_supports("avx512vpopcntdq");
 #endif
     return 0;
@@ -314,13 +316,21 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
         }
         if (path == PATH_SCALAR || cin % 64) memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
 #ifdef APQ_X86
-        if (path != PATH_SCALAR)
+        if (path != PATH_SCALAR) /* an AVX-512 twin (zmm loads, vpgatherdq) was slower on Zen 5 */
             gather_avx2(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tile);
         else
 #endif
             gather(in, P, cin, bits, rw, g, off, tile);
         run_core(path, tile, w, wn, bits, cout, rw, dot);
 #ifdef APQ_X86
+        if (path == PATH_AVX512 && epi->mode == EPI_PACK && bits <= 4) {
+            epilogue_pack_avx512(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
+            continue;
+        }
+        if (path == PATH_AVX512 && epi->mode == EPI_RESIDUAL && cout % 8 == 0) {
+            epilogue_residual_avx512(dot, asum, pix, cout, bits, epi->alpha, epi->residual);
+            continue;
+        }
         if (path != PATH_SCALAR && epi->mode == EPI_PACK && bits <= 4) {
             epilogue_pack_avx2(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
             continue;
@@ -401,6 +411,10 @@ AI void stem(const double *img, int H, int W, int kk, const double *wt, int cout
 
 void apq_stem(int path, const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
 #ifdef APQ_X86
+    if (path == PATH_AVX512 && cout % 16 == 0) {
+        stem_avx512(img, H, W, kk, wt, cout, out);
+        return;
+    }
     if (path != PATH_SCALAR && cout % 16 == 0) {
         stem_avx2(img, H, W, kk, wt, cout, out);
         return;
@@ -506,7 +520,9 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
             const apq_block *b = net->blocks + i;
             const int s = b->stride, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
 #ifdef APQ_X86
-            if (path != PATH_SCALAR && b->cin % 4 == 0 && bits <= 4)
+            if (path == PATH_AVX512 && b->cin % 8 == 0 && bits <= 4)
+                pack_activations_avx512(x, H, W, b->cin, b->xthr_t, b->xsign, bits, pa);
+            else if (path != PATH_SCALAR && b->cin % 4 == 0 && bits <= 4)
                 pack_activations_avx2(x, H, W, b->cin, b->xthr_t, b->xsign, bits, pa);
             else
 #endif

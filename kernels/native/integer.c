@@ -1,37 +1,43 @@
 /* Integer kernels: the network of bitserial.c with each quantized conv computed as dot products of
- * activation codes and weight levels into int32, at one of two widths.
+ * activation codes and weights into int32, at one of two widths.
  *
  * At k bits (N = 2^k, n = N - 1) with weight codes c and activation codes a the conv's integer is
  *     I = sum(a (2c + 1 - N))
  * -- the integer the bit-serial kernels build from popcounts. |I| <= 9 cin n n < 2^31 for cin <= 3000,
  * so int32 results are exact.
  *
- * - width 16 (any k): int16 codes x int16 levels, AVX2 vpmaddwd: each int16 pair is multiplied and
- *   summed into an int32 lane, so nothing saturates even at 8 bits.
- * - width 8 (k <= 7): uint8 codes x int8 levels, AVX2 vpmaddubsw: twice the multiply-adds per
- *   instruction, but its pair sums are int16 and saturate above 32767. A pair is at most 2 n n
- *   (<= 32258 at k = 7), so a pair never saturates; the pairs are summed in int16 lanes for at most
- *   32767 / (2 n n) steps (a whole 3x3x128 window at k <= 3, 72 steps at k = 4, one at k = 7) and then
- *   widened into int32 with vpmaddwd by ones. Every partial sum is therefore exact.
+ * - width 16 (any k): int16 codes x int16 levels 2c + 1 - N. AVX2 vpmaddwd (each int16 pair multiplied
+ *   and summed into an int32 lane, so nothing saturates even at 8 bits); AVX-512 VNNI vpdpwssd, the same
+ *   with the accumulate fused, 16 channels per zmm.
+ * - width 8: uint8 codes x int8 levels (k <= 7: they reach +-127). At k = 8 the levels reach +-255, so
+ *   the weights are the half-levels h = c - 128 (level = 2h + 1) and I = 2 sum(a h) + sum(a), the
+ *   window's activation sum coming from a pass over the input (window_sums). AVX-512 VNNI vpdpbusd sums
+ *   four uint8 x int8 products into an int32 lane exactly: every k. AVX2 vpmaddubsw has int16 pair sums
+ *   that saturate above 32767: a pair is at most 2 n n (32258 at k = 7; 65280 with half-levels at k = 8,
+ *   so AVX2 serves k <= 7); the pairs are summed in int16 lanes for at most 32767 / (2 n n) steps (a
+ *   whole 3x3x128 window at k <= 3, 72 steps at k = 4, one at k = 7) and then widened into int32 with
+ *   vpmaddwd by ones. Every partial sum is therefore exact.
  *
  * The requantizer (bn, clip, round) is the float64 expression itself, per value and in the reference's
- * order. At k <= 3 the AVX2 code counts thresholds instead (the bit-serial kernels' way: found by
+ * order. At k <= 3 the SIMD code counts thresholds instead (the bit-serial kernels' way: found by
  * bisection on this very expression, at most 7 compares per value, no division), so every path gives the
  * same codes and the same logits (tested). Between layers activations are codes (int16 or uint8 by
- * width), NHWC over a zero-padded image.
+ * width), NHWC over a zero-padded image. The AVX-512 path runs the AVX2 code outside the convs.
  *
- * Dispatch AVX2 -> portable C per call; the C code is the scalar reference the AVX2 code is tested
- * against, bit for bit (integer convs exactly, the float parts by doing the same operations in order).
+ * Dispatch AVX-512 -> AVX2 -> portable C per call; the C code is the scalar reference the SIMD code is
+ * tested against, bit for bit (integer convs exactly, the float parts by doing the same operations in
+ * order).
  */
 #include "common.h"
 
 #define ROWS 6  /* output pixels per AVX2 micro-tile */
-#define COLS 16 /* output channels per micro-tile: two ymm of int32 */
+#define ZROWS 7 /* output pixels per AVX-512 micro-tile (7 divides the 7x7, 14x14 and 28x28 images) */
+#define COLS 16 /* output channels per micro-tile: two ymm or one zmm of int32 */
 
 typedef struct {
     int cin, cout, stride;
-    const void *w1, *w2;           /* levels 2c + 1 - N, packed [cout / COLS][9 cin / G][COLS][G]: int16 with
-                                      G = 2 (width 16), int8 with G = 4 (width 8) */
+    const void *w1, *w2;           /* packed [cout / COLS][9 cin / G][COLS][G]: int16 levels with G = 2
+                                      (width 16), int8 levels (half-levels at k = 8) with G = 4 (width 8) */
     batchnorm bn1, bn2;            /* [cin] before conv1, [cout] before conv2 */
     const double *alpha1, *alpha2; /* [cout]: weight scale / (N n) */
     /* The requantizers as thresholds (NULL: compute the expression), SIMD layout [n][channels]:
@@ -54,11 +60,14 @@ typedef struct {
 /* Input channels per weight group (and per activation broadcast) at a width. */
 static inline int group_of(int width) { return width == 8 ? 4 : 2; }
 
-/* Steps of int16 pair sums a width-8 lane can take before it must be widened (see the top). */
+/* Steps of int16 pair sums a width-8 AVX2 lane can take before it must be widened (see the top). */
 static inline int chunk_of(int bits) {
     const int n = (1 << bits) - 1;
     return 32767 / (2 * n * n);
 }
+
+/* The most bits a width serves on a path (width 8 on AVX2: its int16 pair sums, see the top). */
+static inline int max_bits_of(int width, int path) { return width == 8 && path == PATH_AVX2 ? 7 : 8; }
 
 /* Activations: codes [(H + 2) (W + 2)][c] over an image padded by one zero pixel on every side. The
  * window of output pixel p (stride s) starts at padded index s (oy (W + 2) + ox), tap k at + off[k]. */
@@ -74,27 +83,57 @@ static inline int32_t load32(const void *p) {
 
 /* ---------------------------------------------------------------- the conv: out[p][o] = I */
 
-static void conv_scalar(int width, const void *in, int W, int cin, int stride, int Ho, int Wo, const void *w, int cout,
-                        int32_t *out) {
-    const int Wp = W + 2, G = group_of(width), groups = 9 * cin / G;
+static void conv_scalar(int width, int bits, const void *in, int W, int cin, int stride, int Ho, int Wo, const void *w,
+                        int cout, int32_t *out) {
+    const int Wp = W + 2, G = group_of(width), groups = 9 * cin / G, half = width == 8 && bits == 8;
     for (int p = 0; p < Ho * Wo; p++) {
         const int g = origin(p, Wo, Wp, stride);
         for (int o = 0; o < cout; o++) {
             const size_t wo = (size_t)(o / COLS) * groups * COLS * G + (o % COLS) * G;
-            int32_t acc = 0;
+            int32_t acc = 0, sum = 0;
             for (int k = 0; k < 9; k++) {
                 const size_t a = (size_t)(g + (k / 3) * Wp + k % 3) * cin;
                 for (int ch = 0; ch < cin; ch++) {
                     const int r = k * cin + ch;
                     const size_t wi = wo + (size_t)(r / G) * COLS * G + r % G;
-                    acc += width == 8 ? ((const uint8_t *)in)[a + ch] * ((const int8_t *)w)[wi]
-                                      : ((const int16_t *)in)[a + ch] * ((const int16_t *)w)[wi];
+                    if (width == 8) {
+                        acc += ((const uint8_t *)in)[a + ch] * ((const int8_t *)w)[wi];
+                        sum += ((const uint8_t *)in)[a + ch];
+                    } else {
+                        acc += ((const int16_t *)in)[a + ch] * ((const int16_t *)w)[wi];
+                    }
                 }
             }
-            out[(size_t)p * cout + o] = acc;
+            out[(size_t)p * cout + o] = half ? 2 * acc + sum : acc;
         }
     }
 }
+
+#ifdef APQ_X86
+/* sums[p] = sum(a) over output pixel p's window, for the SIMD width-8 kernels' I = 2 sum(a h) + sum(a) at
+ * k = 8: the codes summed per padded pixel (rows, [(H + 2) (W + 2)]; vpsadbw, 32 codes at a time), then over the 9
+ * taps. (The scalar conv sums each window itself.) */
+TARGET_AVX2 static void window_sums(const uint8_t *in, int H, int W, int cin, int stride, int Ho, int Wo,
+                                    int32_t *rows, int32_t *sums) {
+    const int Wp = W + 2;
+    const __m256i zero = _mm256_setzero_si256();
+    for (size_t q = 0; q < padded_pixels(H, W); q++) {
+        const uint8_t *src = in + q * cin;
+        __m256i acc = zero;
+        int ch = 0;
+        for (; ch + 32 <= cin; ch += 32)
+            acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_loadu_si256((const __m256i *)(src + ch)), zero));
+        const __m128i h = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        int32_t s = (int32_t)(_mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1));
+        for (; ch < cin; ch++) s += src[ch];
+        rows[q] = s;
+    }
+    for (int p = 0; p < Ho * Wo; p++) {
+        const int32_t *r = rows + origin(p, Wo, Wp, stride);
+        sums[p] = r[0] + r[1] + r[2] + r[Wp] + r[Wp + 1] + r[Wp + 2] + r[2 * Wp] + r[2 * Wp + 1] + r[2 * Wp + 2];
+    }
+}
+#endif
 
 #ifdef APQ_X86
 /* ROWS pixels x COLS channels of accumulators (12 ymm) stay in registers over the whole window; per
@@ -147,7 +186,7 @@ TARGET_AVX2 static void conv16_avx2(const int16_t *in, int W, int cin, int strid
 }
 
 /* Width 8: int16 accumulators, vpmaddubsw per activation quad, widened into int32 every `chunk` quads
- * (chunk_of(bits)). Requires cout % COLS == 0, cin % 4 == 0. */
+ * (chunk_of(bits)). Requires cout % COLS == 0, cin % 4 == 0, k <= 7. */
 TARGET_AVX2 static void conv8_avx2(const uint8_t *in, int W, int cin, int stride, int Ho, int Wo, const int8_t *w,
                                    int cout, int chunk, int32_t *out) {
     const int Wp = W + 2, quads = cin / 4, npix = Ho * Wo;
@@ -196,23 +235,85 @@ TARGET_AVX2 static void conv8_avx2(const uint8_t *in, int W, int cin, int stride
         }
     }
 }
-#undef TILE_POINTERS
 #undef STORE_TILE
+
+/* AVX-512 VNNI: ZROWS pixels x COLS channels, one zmm of int32 accumulators per pixel, one fused
+ * multiply-accumulate per pixel and weight group (vpdpbusd: four uint8 x int8 products; vpdpwssd: two
+ * int16 x int16), each exact in int32. Otherwise as the AVX2 kernels: per group one weight load and
+ * ZROWS broadcasts. With sums (width 8 at k = 8) stores 2 acc + sums[p]. Requires cout % COLS == 0 and
+ * cin % G == 0. */
+#define ZTILE(T, G, DOT)                                                                                   \
+    const int Wp = W + 2, groups = cin / (G), npix = Ho * Wo;                                              \
+    int off[9];                                                                                           \
+    for (int k = 0; k < 9; k++) off[k] = ((k / 3) * Wp + k % 3) * cin;                                    \
+    for (int ob = 0; ob < cout / COLS; ob++) {                                                            \
+        const __m512i *wb = (const __m512i *)(w + (size_t)ob * 9 * groups * COLS * (G));                  \
+        for (int p0 = 0; p0 < npix; p0 += ZROWS) {                                                        \
+            const T *a[ZROWS];                                                                            \
+            for (int r = 0; r < ZROWS; r++)                                                               \
+                a[r] = in + (size_t)origin(p0 + r < npix ? p0 + r : npix - 1, Wo, Wp, stride) * cin;      \
+            __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0;    \
+            for (int k = 0; k < 9; k++) {                                                                 \
+                const T *a0 = a[0] + off[k], *a1 = a[1] + off[k], *a2 = a[2] + off[k], *a3 = a[3] + off[k]; \
+                const T *a4 = a[4] + off[k], *a5 = a[5] + off[k], *a6 = a[6] + off[k];                     \
+                const __m512i *wk = wb + (size_t)k * groups;                                              \
+                for (int j = 0; j < groups; j++) {                                                        \
+                    const __m512i wv = _mm512_loadu_si512((const void *)(wk + j));                       \
+                    c0 = DOT(c0, _mm512_set1_epi32(load32(a0 + (G) * j)), wv);                           \
+                    c1 = DOT(c1, _mm512_set1_epi32(load32(a1 + (G) * j)), wv);                           \
+                    c2 = DOT(c2, _mm512_set1_epi32(load32(a2 + (G) * j)), wv);                           \
+                    c3 = DOT(c3, _mm512_set1_epi32(load32(a3 + (G) * j)), wv);                           \
+                    c4 = DOT(c4, _mm512_set1_epi32(load32(a4 + (G) * j)), wv);                           \
+                    c5 = DOT(c5, _mm512_set1_epi32(load32(a5 + (G) * j)), wv);                           \
+                    c6 = DOT(c6, _mm512_set1_epi32(load32(a6 + (G) * j)), wv);                           \
+                }                                                                                         \
+            }                                                                                             \
+            const __m512i c[ZROWS] = {c0, c1, c2, c3, c4, c5, c6};                                        \
+            for (int r = 0; r < ZROWS && p0 + r < npix; r++) {                                            \
+                __m512i v = c[r];                                                                         \
+                if (sums) v = _mm512_add_epi32(_mm512_add_epi32(v, v), _mm512_set1_epi32(sums[p0 + r]));  \
+                _mm512_storeu_si512((void *)(out + (size_t)(p0 + r) * cout + ob * COLS), v);              \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+TARGET_AVX512 static void conv8_avx512(const uint8_t *in, int W, int cin, int stride, int Ho, int Wo, const int8_t *w,
+                                       int cout, const int32_t *sums, int32_t *out) {
+    ZTILE(uint8_t, 4, _mm512_dpbusd_epi32)
+}
+
+TARGET_AVX512 static void conv16_avx512(const int16_t *in, int W, int cin, int stride, int Ho, int Wo, const int16_t *w,
+                                        int cout, int32_t *out) {
+    const int32_t *sums = NULL;
+    ZTILE(int16_t, 2, _mm512_dpwssd_epi32)
+}
+#undef ZTILE
+#undef TILE_POINTERS
 #endif
 
-static void conv(int path, int width, int bits, const void *in, int W, int cin, int stride, int Ho, int Wo,
-                 const void *w, int cout, int32_t *out) {
+/* out[p][o] = I. scratch: (H + 2) (W + 2) + Ho Wo int32 for the window sums of width 8 at k = 8. */
+static void conv(int path, int width, int bits, const void *in, int H, int W, int cin, int stride, int Ho, int Wo,
+                 const void *w, int cout, int32_t *scratch, int32_t *out) {
 #ifdef APQ_X86
     if (path != PATH_SCALAR && cout % COLS == 0) {
-        if (width == 8)
+        int32_t *sums = NULL;
+        if (width == 8 && bits == 8) {
+            sums = scratch + padded_pixels(H, W);
+            window_sums(in, H, W, cin, stride, Ho, Wo, scratch, sums);
+        }
+        if (path == PATH_AVX512 && width == 8)
+            conv8_avx512(in, W, cin, stride, Ho, Wo, w, cout, sums, out);
+        else if (path == PATH_AVX512)
+            conv16_avx512(in, W, cin, stride, Ho, Wo, w, cout, out);
+        else if (width == 8)
             conv8_avx2(in, W, cin, stride, Ho, Wo, w, cout, chunk_of(bits), out);
         else
             conv16_avx2(in, W, cin, stride, Ho, Wo, w, cout, out);
         return;
     }
 #endif
-    (void)bits;
-    conv_scalar(width, in, W, cin, stride, Ho, Wo, w, cout, out);
+    (void)H, (void)scratch;
+    conv_scalar(width, bits, in, W, cin, stride, Ho, Wo, w, cout, out);
 }
 
 /* ---------------------------------------------------------------- requantization and the residual
@@ -277,11 +378,50 @@ TARGET_AVX2 static void residual_avx2(const int32_t *ints, const double *alpha, 
             _mm256_storeu_pd(x + i, _mm256_add_pd(_mm256_loadu_pd(x + i), _mm256_mul_pd(d, _mm256_loadu_pd(alpha + ch))));
         }
 }
+
+/* codes_avx2 and residual_avx2 at eight channels per vector: the same operations, so the same results.
+ * c % 8 == 0. */
+TARGET_AVX512 static void codes_avx512(int width, const double *x, const int32_t *ints, const double *alpha, int H,
+                                       int W, int c, const batchnorm *bn, int bits, void *out) {
+    const __m512d n = _mm512_set1_pd((double)((1 << bits) - 1)), half = _mm512_set1_pd(0.5);
+    const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+    for (int p = 0; p < H * W; p++) {
+        const size_t dst = ((size_t)(p / W + 1) * (W + 2) + p % W + 1) * c;
+        for (int ch = 0; ch < c; ch += 8) {
+            const size_t i = (size_t)p * c + ch;
+            const __m512d v = ints ? _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)(ints + i))),
+                                                   _mm512_loadu_pd(alpha + ch))
+                                   : _mm512_loadu_pd(x + i);
+            __m512d z = _mm512_div_pd(_mm512_sub_pd(v, _mm512_loadu_pd(bn->mean + ch)), _mm512_loadu_pd(bn->denom + ch));
+            z = _mm512_add_pd(_mm512_mul_pd(z, _mm512_loadu_pd(bn->gamma + ch)), _mm512_loadu_pd(bn->beta + ch));
+            z = _mm512_min_pd(_mm512_max_pd(z, zero), one);
+            const __m512d r = _mm512_roundscale_pd(_mm512_add_pd(_mm512_mul_pd(z, n), half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __m256i q = _mm512_cvttpd_epi32(r); /* 0..n */
+            if (width == 8)
+                _mm_storel_epi64((__m128i *)((uint8_t *)out + dst + ch), _mm256_cvtepi32_epi8(q));
+            else
+                _mm_storeu_si128((__m128i *)((int16_t *)out + dst + ch), _mm256_cvtepi32_epi16(q));
+        }
+    }
+}
+
+TARGET_AVX512 static void residual_avx512(const int32_t *ints, const double *alpha, int npix, int c, double *x) {
+    for (int p = 0; p < npix; p++)
+        for (int ch = 0; ch < c; ch += 8) {
+            const size_t i = (size_t)p * c + ch;
+            const __m512d d = _mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)(ints + i)));
+            _mm512_storeu_pd(x + i, _mm512_add_pd(_mm512_loadu_pd(x + i), _mm512_mul_pd(d, _mm512_loadu_pd(alpha + ch))));
+        }
+}
 #endif
 
 static void codes(int path, int width, const double *x, const int32_t *ints, const double *alpha, int H, int W, int c,
                   const batchnorm *bn, int bits, void *out) {
 #ifdef APQ_X86
+    if (path == PATH_AVX512 && c % 8 == 0) {
+        codes_avx512(width, x, ints, alpha, H, W, c, bn, bits, out);
+        return;
+    }
     if (path != PATH_SCALAR && c % 4 == 0) {
         codes_avx2(width, x, ints, alpha, H, W, c, bn, bits, out);
         return;
@@ -292,6 +432,10 @@ static void codes(int path, int width, const double *x, const int32_t *ints, con
 
 static void residual(int path, const int32_t *ints, const double *alpha, int npix, int c, double *x) {
 #ifdef APQ_X86
+    if (path == PATH_AVX512 && c % 8 == 0) {
+        residual_avx512(ints, alpha, npix, c, x);
+        return;
+    }
     if (path != PATH_SCALAR && c % 4 == 0) {
         residual_avx2(ints, alpha, npix, c, x);
         return;
@@ -399,7 +543,8 @@ static int forward_range(const void *ctx, int b0, int b1) {
     double *x = apq_alloc(sizeof(double) * npix * cmax), *xs = apq_alloc(sizeof(double) * npix * cmax);
     void *pa = apq_alloc(elem * padded), *pb = apq_alloc(elem * padded);
     int32_t *acc = apq_alloc(sizeof(int32_t) * npix * cmax);
-    if (!x || !xs || !pa || !pb || !acc) {
+    int32_t *scratch = apq_alloc(sizeof(int32_t) * (padded_pixels(H0, W0) + npix));
+    if (!x || !xs || !pa || !pb || !acc || !scratch) {
         status = -2;
         goto done;
     }
@@ -411,7 +556,7 @@ static int forward_range(const void *ctx, int b0, int b1) {
             const int s = b->stride, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
             memset(pa, 0, elem * padded_pixels(H, W) * b->cin);
             codes_x(path, width, x, H, W, b, bits, pa);
-            conv(path, width, bits, pa, W, b->cin, s, Ho, Wo, b->w1, b->cout, acc);
+            conv(path, width, bits, pa, H, W, b->cin, s, Ho, Wo, b->w1, b->cout, scratch, acc);
             memset(pb, 0, elem * padded_pixels(Ho, Wo) * b->cout);
             codes_ints(path, width, acc, Ho, Wo, b, bits, pb);
             if (s != 1 || b->cin != b->cout) {
@@ -420,7 +565,7 @@ static int forward_range(const void *ctx, int b0, int b1) {
                 x = xs;
                 xs = t;
             }
-            conv(path, width, bits, pb, Wo, b->cout, 1, Ho, Wo, b->w2, b->cout, acc);
+            conv(path, width, bits, pb, Ho, Wo, b->cout, 1, Ho, Wo, b->w2, b->cout, scratch, acc);
             residual(path, acc, b->alpha2, Ho * Wo, b->cout, x);
             H = Ho;
             W = Wo;
@@ -435,21 +580,23 @@ done:
     free(pa);
     free(pb);
     free(acc);
+    free(scratch);
     return status;
 }
 
-/* What a width needs of a conv: cin a multiple of its group, cout of COLS; width 8 also k <= 7. */
-static int valid_conv(int width, int bits, int cin, int cout) {
+/* What a width needs of a conv: cin a multiple of its group, cout of COLS; k <= max_bits_of(width, path). */
+static int valid_conv(int width, int bits, int path, int cin, int cout) {
     if (width != 8 && width != 16) return 0;
-    if (bits < 1 || bits > (width == 8 ? 7 : 8)) return 0;
+    if (bits < 1 || bits > max_bits_of(width, path)) return 0;
     return cin > 0 && cin % group_of(width) == 0 && cout > 0 && cout % COLS == 0 && cin <= 3000 && cout <= 3000;
 }
 
-static int valid_net(const apq_net_int *net, int width) {
+static int valid_net(const apq_net_int *net, int width, int path) {
     if (net->head_in > 1024) return 0;
     for (int i = 0; i < net->nblocks; i++) {
         const apq_block_int *b = net->blocks + i;
-        if (!valid_conv(width, net->bits, b->cin, b->cout) || !valid_conv(width, net->bits, b->cout, b->cout)) return 0;
+        if (!valid_conv(width, net->bits, path, b->cin, b->cout) || !valid_conv(width, net->bits, path, b->cout, b->cout))
+            return 0;
     }
     return 1;
 }
@@ -457,28 +604,32 @@ static int valid_net(const apq_net_int *net, int width) {
 /* logits [B][head_out] (float32) for images [B][height][width] (float64, pixels / 255), split across up to
  * `threads` threads, with every conv at `width` (8 or 16). Returns 0, -1 (path not supported by this CPU),
  * -2 (out of memory), -3 (bad arguments: besides the counts, every conv's cin must be a multiple of 2
- * (width 16) or 4 (width 8), its cout of 16, and width 8 serves k <= 7). */
+ * (width 16) or 4 (width 8), its cout of 16, and width 8 on AVX2 serves k <= 7). */
 int apq_forward_int(const apq_net_int *net, const double *images, int batch, float *logits, int threads, int path,
                     int width) {
     path = apq_resolve_path(path);
     if (path < 0) return -1;
-    if (path == PATH_AVX512) path = PATH_AVX2; /* no AVX-512 code here: AVX2 runs on those CPUs */
-    if (batch < 0 || threads < 1 || !valid_net(net, width)) return -3;
+    if (batch < 0 || threads < 1 || !valid_net(net, width, path)) return -3;
     const job_int jb = {net, images, logits, path, width};
     return apq_parallel(forward_range, &jb, batch, threads);
 }
 
-/* Test entry: I for k-bit codes [B][H][W][cin] (uint8, zero point 0) and levels packed for `width`,
+/* Test entry: I for k-bit codes [B][H][W][cin] (uint8, zero point 0) and weights packed for `width`,
  * out [B][Ho][Wo][cout]. */
 int apq_conv_int(const uint8_t *codes_in, int batch, int H, int W, int cin, const void *w, int cout, int stride,
                  int bits, int width, int32_t *out, int path) {
     path = apq_resolve_path(path);
     if (path < 0) return -1;
-    if (!valid_conv(width, bits, cin, cout)) return -3;
+    if (!valid_conv(width, bits, path, cin, cout)) return -3;
     const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
     const size_t elem = width / 8;
     uint8_t *padded = calloc(padded_pixels(H, W) * cin, elem);
-    if (!padded) return -2;
+    int32_t *scratch = malloc(sizeof(int32_t) * (padded_pixels(H, W) + (size_t)Ho * Wo));
+    if (!padded || !scratch) {
+        free(padded);
+        free(scratch);
+        return -2;
+    }
     for (int b = 0; b < batch; b++) {
         for (int p = 0; p < H * W; p++) {
             const uint8_t *src = codes_in + ((size_t)b * H * W + p) * cin;
@@ -490,8 +641,9 @@ int apq_conv_int(const uint8_t *codes_in, int batch, int H, int W, int cin, cons
                     ((int16_t *)padded)[dst + ch] = src[ch];
             }
         }
-        conv(path, width, bits, padded, W, cin, stride, Ho, Wo, w, cout, out + (size_t)b * Ho * Wo * cout);
+        conv(path, width, bits, padded, H, W, cin, stride, Ho, Wo, w, cout, scratch, out + (size_t)b * Ho * Wo * cout);
     }
     free(padded);
+    free(scratch);
     return 0;
 }
