@@ -44,64 +44,48 @@ TARGET_AVX512 static void core_avx512(const uint64_t *tile, const uint64_t *w, i
     for (; o < cout; o++) core_channel(tile, w, bits, cout, o, rw, dot);
 }
 
-/* stem_avx2 at 8 channels per vector: 16 channels (two zmm) x up to 4 horizontally adjacent pixels whose
- * windows are inside the image in x, per channel the scalar stem's operations in its order. */
-TARGET_AVX512 AI void stem_pixels_avx512(const double *img, int H, int W, int kk, const double *wt, int cout, int y,
-                                         int x, int four, double *out) {
-    const int pad = kk / 2;
+/* The stem at 8 channels per vector, 16 channels (two zmm) x 4 horizontally adjacent pixels per pass, over
+ * a zero-padded copy of the image so that every pixel runs the same taps. Per channel the sum runs in the
+ * scalar stem's order; a tap off the image adds 0 * w = +-0 to a sum that started at +0, which leaves it
+ * unchanged, so skipping it (the scalar stem) and adding it give the same bits. */
+TARGET_AVX512 AI void stem_pixels_avx512(const double *pimg, int Wp, int kk, const double *wt, int cout, int npx,
+                                         double *dst) {
     for (int o = 0; o < cout; o += 16) {
-        __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
-        for (int ky = 0; ky < kk; ky++) {
-            const int iy = y + ky - pad;
-            if (iy < 0 || iy >= H) continue;
+        __m512d a[4][2];
+        for (int t = 0; t < 4; t++) a[t][0] = a[t][1] = _mm512_setzero_pd();
+        for (int ky = 0; ky < kk; ky++)
             for (int kx = 0; kx < kk; kx++) {
-                const int ix = x + kx - pad;
-                if (!four && (ix < 0 || ix >= W)) continue;
-                const double *wr = wt + (size_t)(ky * kk + kx) * cout + o;
+                const double *wr = wt + (size_t)(ky * kk + kx) * cout + o, *src = pimg + ky * Wp + kx;
                 const __m512d w0 = _mm512_loadu_pd(wr), w1 = _mm512_loadu_pd(wr + 8);
-                const double *src = img + iy * W + ix;
-                __m512d v = _mm512_set1_pd(src[0]);
-                a0 = _mm512_add_pd(a0, _mm512_mul_pd(v, w0));
-                a1 = _mm512_add_pd(a1, _mm512_mul_pd(v, w1));
-                if (four) {
-                    v = _mm512_set1_pd(src[1]);
-                    b0 = _mm512_add_pd(b0, _mm512_mul_pd(v, w0));
-                    b1 = _mm512_add_pd(b1, _mm512_mul_pd(v, w1));
-                    v = _mm512_set1_pd(src[2]);
-                    c0 = _mm512_add_pd(c0, _mm512_mul_pd(v, w0));
-                    c1 = _mm512_add_pd(c1, _mm512_mul_pd(v, w1));
-                    v = _mm512_set1_pd(src[3]);
-                    d0 = _mm512_add_pd(d0, _mm512_mul_pd(v, w0));
-                    d1 = _mm512_add_pd(d1, _mm512_mul_pd(v, w1));
+                for (int t = 0; t < npx; t++) {
+                    const __m512d v = _mm512_set1_pd(src[t]);
+                    a[t][0] = _mm512_add_pd(a[t][0], _mm512_mul_pd(v, w0));
+                    a[t][1] = _mm512_add_pd(a[t][1], _mm512_mul_pd(v, w1));
                 }
             }
-        }
-        double *dst = out + ((size_t)y * W + x) * cout + o;
-        _mm512_storeu_pd(dst, a0);
-        _mm512_storeu_pd(dst + 8, a1);
-        if (four) {
-            _mm512_storeu_pd(dst + cout, b0);
-            _mm512_storeu_pd(dst + cout + 8, b1);
-            _mm512_storeu_pd(dst + 2 * cout, c0);
-            _mm512_storeu_pd(dst + 2 * cout + 8, c1);
-            _mm512_storeu_pd(dst + 3 * cout, d0);
-            _mm512_storeu_pd(dst + 3 * cout + 8, d1);
+        for (int t = 0; t < npx; t++) {
+            _mm512_storeu_pd(dst + (size_t)t * cout + o, a[t][0]);
+            _mm512_storeu_pd(dst + (size_t)t * cout + o + 8, a[t][1]);
         }
     }
 }
 
 TARGET_AVX512 static void stem_avx512(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
-    const int pad = kk / 2;
-    for (int y = 0; y < H; y++)
-        for (int x = 0; x < W;) {
-            if (x >= pad && x + 3 + pad < W) {
-                stem_pixels_avx512(img, H, W, kk, wt, cout, y, x, 1, out);
-                x += 4;
-            } else {
-                stem_pixels_avx512(img, H, W, kk, wt, cout, y, x, 0, out);
-                x += 1;
-            }
-        }
+    const int pad = kk / 2, Wp = W + 2 * pad;
+    double *pimg = calloc((size_t)(H + 2 * pad) * Wp, sizeof(double));
+    if (!pimg) { /* no memory for the copy: the AVX2 stem needs none */
+        stem_avx2(img, H, W, kk, wt, cout, out);
+        return;
+    }
+    for (int y = 0; y < H; y++) memcpy(pimg + (size_t)(y + pad) * Wp + pad, img + (size_t)y * W, sizeof(double) * W);
+    for (int y = 0; y < H; y++) {
+        int x = 0;
+        for (; x + 4 <= W; x += 4)
+            stem_pixels_avx512(pimg + (size_t)y * Wp + x, Wp, kk, wt, cout, 4, out + ((size_t)y * W + x) * cout);
+        for (; x < W; x++)
+            stem_pixels_avx512(pimg + (size_t)y * Wp + x, Wp, kk, wt, cout, 1, out + ((size_t)y * W + x) * cout);
+    }
+    free(pimg);
 }
 
 /* The AVX2 per-pixel work at 8 lanes per zmm, where it is worth it: the compares of the packing code
