@@ -35,6 +35,8 @@ def integer_conv(codes: np.ndarray, codes8: np.ndarray, bits: int, stride: int) 
         (128, 6, 5, 1, 5),
         (32, 32, 20, 1, 1),  # wide enough for dense tiles (consecutive origins, border lanes dropped)
         (20, 12, 18, 1, 3),
+        (16, 24, 20, 1, 2),  # four taps share a word (AVX-512: assembled in a register)
+        (8, 16, 9, 2, 1),  # eight taps share a word
     ],
 )
 def test_integer_conv_matches_numpy(path, cin, cout, size, stride, bits):

@@ -209,3 +209,30 @@ TARGET_AVX512 static void pack_activations_avx512(const double *x, int H, int W,
     default: pack_activations_avx512_k(x, H, W, c, thr_t, sign, bits, out);
     }
 }
+
+/* The gather when cin < 64 divides 64 (the 32 channels of the first stage), the tile's 8 lanes in one
+ * zmm: 64 / cin taps share each word, which is assembled from its taps in a register and stored once
+ * (the AVX2 gather ORs every tap into a zeroed tile, two read-modify-writes per tap). Writes every word
+ * of the tile. A dense tile's lanes, or 8 consecutive origins, are one load; other lanes are loaded one
+ * by one. (For cin % 64 == 0 a zmm version of the AVX2 gather was no faster, and with vpgatherqq for
+ * the scattered lanes slower.) */
+TARGET_AVX512 static void gather_small_avx512(const uint64_t *in, size_t P, int cin, int bits, int rw, int g0,
+                                              const int *g, const int *off, uint64_t *tile) {
+    const int per = 64 / cin; /* taps per word; one word of channels per tap (cw = 1) */
+    const int run = g && g[7] - g[0] == 7;
+    for (int q = 0; q < bits; q++)
+        for (int d = 0; d < rw; d++) {
+            __m512i word = _mm512_setzero_si512();
+            for (int k = d * per; k < 9 && k < (d + 1) * per; k++) {
+                const uint64_t *base = in + (size_t)q * P + off[k];
+                const __m512i a = !g    ? _mm512_loadu_si512((const void *)(base + g0))
+                                  : run ? _mm512_loadu_si512((const void *)(base + g[0]))
+                                        : _mm512_set_epi64((long long)base[g[7]], (long long)base[g[6]],
+                                                           (long long)base[g[5]], (long long)base[g[4]],
+                                                           (long long)base[g[3]], (long long)base[g[2]],
+                                                           (long long)base[g[1]], (long long)base[g[0]]);
+                word = _mm512_or_si512(word, _mm512_sll_epi64(a, _mm_cvtsi32_si128((k % per) * cin)));
+            }
+            _mm512_storeu_si512((void *)(tile + ((size_t)q * rw + d) * TILE), word);
+        }
+}

@@ -314,9 +314,12 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
             asum[t] = ok ? wsum[g[t]] : 0;
             if (++ox == row) ox = 0, oy++;
         }
-        if (path == PATH_SCALAR || cin % 64) memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
+        const int small = path == PATH_AVX512 && cin < 64 && 64 % cin == 0; /* gather_small_avx512 */
+        if (!small && (path == PATH_SCALAR || cin % 64)) memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
 #ifdef APQ_X86
-        if (path != PATH_SCALAR) /* an AVX-512 twin (zmm loads, vpgatherdq) was slower on Zen 5 */
+        if (small)
+            gather_small_avx512(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tile);
+        else if (path != PATH_SCALAR)
             gather_avx2(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tile);
         else
 #endif

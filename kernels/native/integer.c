@@ -22,7 +22,8 @@
  * order. At k <= 3 the SIMD code counts thresholds instead (the bit-serial kernels' way: found by
  * bisection on this very expression, at most 7 compares per value, no division), so every path gives the
  * same codes and the same logits (tested). Between layers activations are codes (int16 or uint8 by
- * width), NHWC over a zero-padded image. The AVX-512 path runs the AVX2 code outside the convs.
+ * width), NHWC over a zero-padded image. Outside the convs the AVX-512 path has its own requantizer and
+ * residual add (the same operations at 8 lanes) and runs the AVX2 code for the rest.
  *
  * Dispatch AVX-512 -> AVX2 -> portable C per call; the C code is the scalar reference the SIMD code is
  * tested against, bit for bit (integer convs exactly, the float parts by doing the same operations in
@@ -110,9 +111,9 @@ static void conv_scalar(int width, int bits, const void *in, int W, int cin, int
 }
 
 #ifdef APQ_X86
-/* sums[p] = sum(a) over output pixel p's window, for the SIMD width-8 kernels' I = 2 sum(a h) + sum(a) at
- * k = 8: the codes summed per padded pixel (rows, [(H + 2) (W + 2)]; vpsadbw, 32 codes at a time), then over the 9
- * taps. (The scalar conv sums each window itself.) */
+/* sums[p] = sum(a) over output pixel p's window, for the SIMD width-8 kernels' I = 2 sum(a h) + sum(a)
+ * at k = 8: the codes summed per padded pixel (rows, [(H + 2) (W + 2)]; vpsadbw, 32 codes at a time),
+ * then over the 9 taps. (The scalar conv sums each window itself.) */
 TARGET_AVX2 static void window_sums(const uint8_t *in, int H, int W, int cin, int stride, int Ho, int Wo,
                                     int32_t *rows, int32_t *sums) {
     const int Wp = W + 2;
