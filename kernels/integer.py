@@ -5,10 +5,10 @@ partial sums widened before they can overflow, bits <= 7).
 
 Each conv's weights are its k-bit levels 2c + 1 - 2^k, packed once per bits for the SIMD cores
 (``pack_levels``): about 1.4 MB (width 16) or 0.7 MB (width 8) per bits for the bundled model, beside the
-artifact's planes. At 8 bits the levels reach +-255, so width 8 stores the half-levels c - 128 instead (the
-level is twice that plus one; the kernel adds the window's activation sum back). The requantizer between layers is the reference's float64 expression (or, up to 3 bits,
-a count of thresholds found on it), so the codes, and the logits, are the bit-serial kernels'
-(tests/test_kernels_integer.py).
+artifact's planes. At 8 bits the levels reach +-255, so width 8 stores the half-levels c - 128 instead
+(the level is twice that plus one; the kernel adds the window's activation sum back). The requantizer
+between layers is the reference's float64 expression (or, up to 3 bits, a count of thresholds found on
+it), so the codes, and the logits, are the bit-serial kernels' (tests/test_kernels_integer.py).
 """
 
 from __future__ import annotations
