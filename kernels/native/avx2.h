@@ -17,27 +17,29 @@ TARGET_AVX2 static void core_avx2(const uint64_t *tile, const uint64_t *w, const
     int o = 0;
     for (; o + 4 <= cout; o += 4) {
         for (int p = 0; p < bits; p++) {
-            const uint64_t *wl = wn + ((size_t)p * cout + o) * rw, *wh = wl + high;
+            /* one pointer per channel's row, so the loop's addressing is base + 8 i (no index arithmetic) */
+            const uint64_t *wl0 = wn + ((size_t)p * cout + o) * rw, *wl1 = wl0 + rw, *wl2 = wl1 + rw, *wl3 = wl2 + rw;
+            const uint64_t *wh0 = wl0 + high, *wh1 = wl1 + high, *wh2 = wl2 + high, *wh3 = wl3 + high;
             for (int q = 0; q < bits; q++) {
                 const int sh = 2 * bits - 2 - p - q;
                 const __m128i shift = _mm_cvtsi32_si128(sh);
                 const uint64_t *ar = tile + (size_t)q * rw * TILE;
-                for (int i0 = 0; i0 < rw; i0 += 31) {
-                    const int i1 = i0 + 31 < rw ? i0 + 31 : rw;
+                for (size_t i0 = 0; i0 < (size_t)rw; i0 += 31) {
+                    const size_t i1 = i0 + 31 < (size_t)rw ? i0 + 31 : (size_t)rw;
                     __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero, s20 = zero, s21 = zero, s30 = zero,
                             s31 = zero; /* s[channel][pixel half] */
-                    for (int i = i0; i < i1; i++) {
+                    for (size_t i = i0; i < i1; i++) {
                         __m256i a0 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE));
                         __m256i a1 = _mm256_loadu_si256((const __m256i *)(ar + i * TILE + 4));
                         __m256i b;
 #define COUNT(c, wv)                                                                        \
-    b = _mm256_set1_epi64x((long long)(wv)[(c) * rw + i]);                                  \
+    b = _mm256_set1_epi64x((long long)(wv)[i]);                                             \
     s##c##0 = _mm256_add_epi8(s##c##0, _mm256_shuffle_epi8(lut, _mm256_and_si256(a0, b))); \
     s##c##1 = _mm256_add_epi8(s##c##1, _mm256_shuffle_epi8(lut, _mm256_and_si256(a1, b)));
-                        COUNT(0, wl) COUNT(1, wl) COUNT(2, wl) COUNT(3, wl)
+                        COUNT(0, wl0) COUNT(1, wl1) COUNT(2, wl2) COUNT(3, wl3)
                         a0 = _mm256_srli_epi16(a0, 4);
                         a1 = _mm256_srli_epi16(a1, 4);
-                        COUNT(0, wh) COUNT(1, wh) COUNT(2, wh) COUNT(3, wh)
+                        COUNT(0, wh0) COUNT(1, wh1) COUNT(2, wh2) COUNT(3, wh3)
 #undef COUNT
                     }
                     const __m256i s[4][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};

@@ -8,17 +8,18 @@ TARGET_AVX512 static void core_avx512(const uint64_t *tile, const uint64_t *w, i
     for (; o + 4 <= cout; o += 4) {
         __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
         for (int p = 0; p < bits; p++) {
-            const uint64_t *w0 = w + ((size_t)p * cout + o) * rw;
+            /* one pointer per channel's row, so the loop's addressing is base + 8 i (no index arithmetic) */
+            const uint64_t *w0 = w + ((size_t)p * cout + o) * rw, *w1 = w0 + rw, *w2 = w1 + rw, *w3 = w2 + rw;
             for (int q = 0; q < bits; q++) {
                 const __m128i shift = _mm_cvtsi32_si128(2 * bits - 2 - p - q);
                 const uint64_t *ar = tile + (size_t)q * rw * TILE;
                 __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-                for (int i = 0; i < rw; i++) {
+                for (size_t i = 0; i < (size_t)rw; i++) {
                     const __m512i a = _mm512_loadu_si512((const void *)(ar + i * TILE));
                     s0 = _mm512_add_epi64(s0, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[i]))));
-                    s1 = _mm512_add_epi64(s1, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[rw + i]))));
-                    s2 = _mm512_add_epi64(s2, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[2 * rw + i]))));
-                    s3 = _mm512_add_epi64(s3, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w0[3 * rw + i]))));
+                    s1 = _mm512_add_epi64(s1, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w1[i]))));
+                    s2 = _mm512_add_epi64(s2, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w2[i]))));
+                    s3 = _mm512_add_epi64(s3, _mm512_popcnt_epi64(_mm512_and_si512(a, _mm512_set1_epi64((long long)w3[i]))));
                 }
                 if (2 * bits - 2 - p - q) { /* never at 1 bit, whose one plane pair is the whole sum */
                     s0 = _mm512_sll_epi64(s0, shift);
