@@ -1,6 +1,7 @@
 /* AVX-512 kernels of bitserial.c (included by it only): the AND+popcount core and the per-pixel work
- * around it (stem, epilogues, activation packing), each the AVX2 code's twin at 8 lanes per zmm and
- * tested equal to the portable C. The AVX2 code this target includes runs the rest (the gather). */
+ * around it (stem, epilogues, activation packing, the gather when 64 / cin taps share a word), each the
+ * AVX2 code's twin at 8 lanes per zmm and tested equal to the portable C. The AVX2 code this target
+ * includes runs the rest (the gather for other cin). */
 
 /* AVX-512: 8 pixels = one zmm, VPOPCNTQ per 64-bit lane; 4 output channels share each activation load. */
 TARGET_AVX512 static void core_avx512(const uint64_t *tile, const uint64_t *w, int bits, int cout, int rw, int64_t *dot) {
@@ -93,14 +94,18 @@ TARGET_AVX512 static void stem_avx512(const double *img, int H, int W, int kk, c
  * become mask registers, kept as one byte per channel; 64 channels' bytes are one zmm, from which
  * vptestmb picks out a pixel's (or, below, a plane's) 64-bit word in one instruction. */
 
+/* (1 - N) asum[t] for the tile's 8 lanes: the weight offset's term of I = 2 dot + (1 - N) asum. */
+TARGET_AVX512 AI __m512i weight_offsets_avx512(const int64_t *asum, int bits) {
+    const __m512i offset = _mm512_set1_epi64(1 - (1LL << bits));
+    return _mm512_mullo_epi64(_mm512_loadu_si512((const void *)asum), offset);
+}
+
 /* epilogue_pack_avx2_k, the 8 lanes of a tile in one zmm. */
 TARGET_AVX512 AI void epilogue_pack_avx512_k(const int64_t *dot, const int64_t *asum, const int *pix, const int *dst,
                                              int cout, int bits, const int64_t *thr_t, const int32_t *sign,
                                              uint64_t *out, size_t Po) {
     const int n = (1 << bits) - 1, cwo = words_for(cout);
-    const int64_t offset = 1 - (1LL << bits);
-    const __m512i oa = _mm512_set_epi64(offset * asum[7], offset * asum[6], offset * asum[5], offset * asum[4],
-                                        offset * asum[3], offset * asum[2], offset * asum[1], offset * asum[0]);
+    const __m512i oa = weight_offsets_avx512(asum, bits);
     const __m512i zero = _mm512_setzero_si512();
     for (int wd = 0; wd < cwo; wd++) {
         uint8_t masks[MAX_BITS][64]; /* [plane][channel]: bit t = lane t's bit of that plane */
@@ -139,9 +144,7 @@ TARGET_AVX512 static void epilogue_pack_avx512(const int64_t *dot, const int64_t
  * exact for |I| < 2^53) and transposed to pixel rows; then the same multiply and add. */
 TARGET_AVX512 static void epilogue_residual_avx512(const int64_t *dot, const int64_t *asum, const int *pix, int cout,
                                                    int bits, const double *alpha, double *res) {
-    const int64_t offset = 1 - (1LL << bits);
-    const __m512i oa = _mm512_set_epi64(offset * asum[7], offset * asum[6], offset * asum[5], offset * asum[4],
-                                        offset * asum[3], offset * asum[2], offset * asum[1], offset * asum[0]);
+    const __m512i oa = weight_offsets_avx512(asum, bits);
     for (int o = 0; o < cout; o += 8) {
         __m512d r[8], s[8], c[8];
         for (int k = 0; k < 8; k++)

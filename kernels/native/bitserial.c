@@ -17,9 +17,9 @@
  * is still in cache. Accumulators are 64-bit. The SIMD code lives in avx2.h and avx512.h.
  *
  * Dispatch: AVX-512 (VPOPCNTDQ; VNNI for integer.c) -> AVX2 -> portable C, chosen at run time per call
- * (target attributes, no -march flags at build time). The portable C core is the scalar reference the SIMD cores are tested
- * against, bit for bit. Build with -ffp-contract=off: the float epilogue must round identically on every
- * path.
+ * (target attributes, no -march flags at build time). The portable C core is the scalar reference the
+ * SIMD cores are tested against, bit for bit. Build with -ffp-contract=off: the float epilogue must round
+ * identically on every path.
  */
 #include <pthread.h>
 
