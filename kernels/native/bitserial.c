@@ -26,6 +26,7 @@
 #include "common.h"
 
 #define TILE 8
+#define STRIP 4 /* tiles per core call, at most (the AVX-512 core's register block) */
 #define MAX_BITS 8
 
 /* ---------------------------------------------------------------- dispatch */
@@ -95,19 +96,26 @@ static inline size_t plane_stride(int H, int W) { return (size_t)(H + 2) * (W + 
 #include "avx512.h"
 #endif
 
-AI void run_core(int path, const uint64_t *tile, const uint64_t *w, const uint64_t *wn, int bits, int cout, int rw,
-              int64_t *dot) {
+/* The core over nt tiles, tile k at tile + k * tile_words, its dot at dot + k * cout * TILE. */
+AI void run_core(int path, const uint64_t *tile, int nt, size_t tile_words, const uint64_t *w, const uint64_t *wn,
+                 int bits, int cout, int rw, int64_t *dot) {
 #ifdef APQ_X86
     if (path == PATH_AVX512) {
-        core_avx512(tile, w, bits, cout, rw, dot);
-        return;
-    }
-    if (path == PATH_AVX2) {
-        core_avx2(tile, w, wn, bits, cout, rw, dot);
+        core_avx512(tile, nt, tile_words, w, bits, cout, rw, dot);
         return;
     }
 #endif
-    core_scalar(tile, w, bits, cout, rw, dot);
+    for (int k = 0; k < nt; k++) {
+        const uint64_t *tk = tile + k * tile_words;
+        int64_t *dk = dot + (size_t)k * cout * TILE;
+#ifdef APQ_X86
+        if (path == PATH_AVX2) {
+            core_avx2(tk, w, wn, bits, cout, rw, dk);
+            continue;
+        }
+#endif
+        core_scalar(tk, w, bits, cout, rw, dk);
+    }
 }
 
 /* The AVX2 core's weights: the top k planes of w [8][cout][rw] split into nibbles, out [2][k][cout][rw]:
@@ -253,6 +261,51 @@ typedef struct {
     double *residual;      /* EPI_RESIDUAL: [pix][cout], I * alpha is added in place */
 } epilogue;
 
+/* The epilogue of one tile: dot [cout][TILE] and the lanes' window sums asum, output pixels pix (-1:
+ * dropped) and their padded indices dst. */
+AI void epilogue_tile(int path, const int64_t *dot, const int64_t *asum, const int *pix, const int *dst, int cout,
+                      int bits, size_t Po, const epilogue *epi) {
+    const int cwo = words_for(cout), n = (1 << bits) - 1;
+    const int64_t offset = 1 - (1LL << bits);
+#ifdef APQ_X86
+    if (path == PATH_AVX512 && epi->mode == EPI_PACK && bits <= 4) {
+        epilogue_pack_avx512(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
+        return;
+    }
+    if (path == PATH_AVX512 && epi->mode == EPI_RESIDUAL && cout % 8 == 0) {
+        epilogue_residual_avx512(dot, asum, pix, cout, bits, epi->alpha, epi->residual);
+        return;
+    }
+    if (path != PATH_SCALAR && epi->mode == EPI_PACK && bits <= 4) {
+        epilogue_pack_avx2(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
+        return;
+    }
+    if (path != PATH_SCALAR && epi->mode == EPI_RESIDUAL && cout % 4 == 0) {
+        epilogue_residual_avx2(dot, asum, pix, cout, bits, epi->alpha, epi->residual);
+        return;
+    }
+#endif
+    for (int t = 0; t < TILE; t++) {
+        if (pix[t] < 0) continue;
+        const size_t p = (size_t)pix[t];
+        if (epi->mode == EPI_INT) {
+            for (int o = 0; o < cout; o++) epi->out_int[p * cout + o] = 2 * dot[(size_t)o * TILE + t] + offset * asum[t];
+        } else if (epi->mode == EPI_PACK) {
+            uint64_t *out = epi->out_planes + dst[t];
+            for (int o = 0; o < cout; o++) {
+                const int64_t v = epi->sign[o] * (2 * dot[(size_t)o * TILE + t] + offset * asum[t]);
+                int code;
+                COUNT_AT_LEAST(v, epi->thr + (size_t)o * n, n, code);
+                put_code(out, Po, bits, cwo, o, code);
+            }
+        } else {
+            double *res = epi->residual + p * cout;
+            for (int o = 0; o < cout; o++)
+                res[o] += (double)(2 * dot[(size_t)o * TILE + t] + offset * asum[t]) * epi->alpha[o];
+        }
+    }
+}
+
 /* The tile's bit rows, laid out like weight rows: tile[(q * rw + d) * TILE + t] is word d of plane q of
  * lane t's receptive field (taps in (kh, kw) order, cin bits each). g[t] is lane t's window origin. */
 AI void gather(const uint64_t *in, size_t P, int cin, int bits, int rw, const int *g, const int *off,
@@ -270,16 +323,15 @@ AI void gather(const uint64_t *in, size_t P, int cin, int bits, int rw, const in
                 }
 }
 
-/* 3x3 conv, pad 1, stride 1 or 2, on padded planes of an H x W image. tile: bits*rw*TILE words, dot:
- * cout*TILE int64, sums: 2 * plane_stride(H, W) int64 scratch (each padded pixel's activation sum, then
+/* 3x3 conv, pad 1, stride 1 or 2, on padded planes of an H x W image. tile: STRIP*bits*rw*TILE words,
+ * dot: STRIP*cout*TILE int64, sums: 2 * plane_stride(H, W) int64 scratch (each padded pixel's activation sum, then
  * each window origin's). */
 AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, const uint64_t *w, const uint64_t *wn,
                 int cout, int rw,
                 int stride, uint64_t *tile, int64_t *dot, int64_t *sums, const epilogue *epi) {
     const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, Wp = W + 2, cw = words_for(cin);
-    const int cwo = words_for(cout), n = (1 << bits) - 1;
+    const int cwo = words_for(cout);
     const size_t P = plane_stride(H, W), Po = plane_stride(Ho, Wo);
-    const int64_t offset = 1 - (1LL << bits);
     int off[9];
     for (int k = 0; k < 9; k++) off[k] = (k / 3) * Wp + k % 3;
     /* Activation sums: per padded pixel, then over each 3x3 window by origin (its top-left corner), as a
@@ -303,65 +355,40 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
      * are the output pixels' origins. */
     const int dense = stride == 1 && Wp >= 20;
     const int count = dense ? (Ho - 1) * Wp + Wo : Ho * Wo, row = dense ? Wp : Wo;
-    for (int t0 = 0; t0 < count; t0 += TILE) {
-        int g[TILE], pix[TILE], dst[TILE]; /* origin, output pixel (-1: dropped), its padded index */
-        int64_t asum[TILE];
-        for (int t = 0, oy = t0 / row, ox = t0 % row; t < TILE; t++) {
-            const int ok = t0 + t < count && ox < Wo;
-            g[t] = dense ? t0 + t : (ok ? stride * (oy * Wp + ox) : 0);
-            pix[t] = ok ? oy * Wo + ox : -1;
-            dst[t] = ok ? (oy + 1) * (Wo + 2) + ox + 1 : -1;
-            asum[t] = ok ? wsum[g[t]] : 0;
-            if (++ox == row) ox = 0, oy++;
-        }
-        const int small = path == PATH_AVX512 && cin < 64 && 64 % cin == 0; /* gather_small_avx512 */
-        if (!small && (path == PATH_SCALAR || cin % 64)) memset(tile, 0, sizeof(uint64_t) * (size_t)bits * rw * TILE);
-#ifdef APQ_X86
-        if (small)
-            gather_small_avx512(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tile);
-        else if (path != PATH_SCALAR)
-            gather_avx2(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tile);
-        else
-#endif
-            gather(in, P, cin, bits, rw, g, off, tile);
-        run_core(path, tile, w, wn, bits, cout, rw, dot);
-#ifdef APQ_X86
-        if (path == PATH_AVX512 && epi->mode == EPI_PACK && bits <= 4) {
-            epilogue_pack_avx512(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
-            continue;
-        }
-        if (path == PATH_AVX512 && epi->mode == EPI_RESIDUAL && cout % 8 == 0) {
-            epilogue_residual_avx512(dot, asum, pix, cout, bits, epi->alpha, epi->residual);
-            continue;
-        }
-        if (path != PATH_SCALAR && epi->mode == EPI_PACK && bits <= 4) {
-            epilogue_pack_avx2(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
-            continue;
-        }
-        if (path != PATH_SCALAR && epi->mode == EPI_RESIDUAL && cout % 4 == 0) {
-            epilogue_residual_avx2(dot, asum, pix, cout, bits, epi->alpha, epi->residual);
-            continue;
-        }
-#endif
-        for (int t = 0; t < TILE; t++) {
-            if (pix[t] < 0) continue;
-            const size_t p = (size_t)pix[t];
-            if (epi->mode == EPI_INT) {
-                for (int o = 0; o < cout; o++) epi->out_int[p * cout + o] = 2 * dot[(size_t)o * TILE + t] + offset * asum[t];
-            } else if (epi->mode == EPI_PACK) {
-                uint64_t *out = epi->out_planes + dst[t];
-                for (int o = 0; o < cout; o++) {
-                    const int64_t v = epi->sign[o] * (2 * dot[(size_t)o * TILE + t] + offset * asum[t]);
-                    int code;
-                    COUNT_AT_LEAST(v, epi->thr + (size_t)o * n, n, code);
-                    put_code(out, Po, bits, cwo, o, code);
-                }
-            } else {
-                double *res = epi->residual + p * cout;
-                for (int o = 0; o < cout; o++)
-                    res[o] += (double)(2 * dot[(size_t)o * TILE + t] + offset * asum[t]) * epi->alpha[o];
+    const size_t tile_words = (size_t)bits * rw * TILE;
+    const int small = path == PATH_AVX512 && cin < 64 && 64 % cin == 0; /* gather_small_avx512 */
+    /* A strip of up to STRIP tiles at a time: the AVX-512 core keeps 4 tiles x 4 channels of accumulators
+     * in registers, so each weight word it loads serves 32 pixels. */
+    const int strip = path == PATH_AVX512 ? STRIP : 1;
+    for (int s0 = 0; s0 < count; s0 += strip * TILE) {
+        const int nt = (count - s0 + TILE - 1) / TILE < strip ? (count - s0 + TILE - 1) / TILE : strip;
+        int pix[STRIP][TILE], dst[STRIP][TILE]; /* output pixel (-1: dropped), its padded index */
+        int64_t asum[STRIP][TILE];
+        for (int k = 0; k < nt; k++) {
+            const int t0 = s0 + k * TILE;
+            int g[TILE]; /* window origins */
+            for (int t = 0, oy = t0 / row, ox = t0 % row; t < TILE; t++) {
+                const int ok = t0 + t < count && ox < Wo;
+                g[t] = dense ? t0 + t : (ok ? stride * (oy * Wp + ox) : 0);
+                pix[k][t] = ok ? oy * Wo + ox : -1;
+                dst[k][t] = ok ? (oy + 1) * (Wo + 2) + ox + 1 : -1;
+                asum[k][t] = ok ? wsum[g[t]] : 0;
+                if (++ox == row) ox = 0, oy++;
             }
+            uint64_t *tk = tile + k * tile_words;
+            if (!small && (path == PATH_SCALAR || cin % 64)) memset(tk, 0, sizeof(uint64_t) * tile_words);
+#ifdef APQ_X86
+            if (small)
+                gather_small_avx512(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tk);
+            else if (path != PATH_SCALAR)
+                gather_avx2(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tk);
+            else
+#endif
+                gather(in, P, cin, bits, rw, g, off, tk);
         }
+        run_core(path, tile, nt, tile_words, w, wn, bits, cout, rw, dot);
+        for (int k = 0; k < nt; k++)
+            epilogue_tile(path, dot + (size_t)k * cout * TILE, asum[k], pix[k], dst[k], cout, bits, Po, epi);
     }
 }
 
@@ -509,8 +536,8 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
     const size_t P0 = plane_stride(H0, W0);
     uint64_t *pa = apq_alloc(sizeof(uint64_t) * P0 * bits * words_for(cmax));
     uint64_t *pb = apq_alloc(sizeof(uint64_t) * P0 * bits * words_for(cmax));
-    uint64_t *tile = apq_alloc(sizeof(uint64_t) * (size_t)bits * rwmax * TILE);
-    int64_t *dot = apq_alloc(sizeof(int64_t) * (size_t)cmax * TILE);
+    uint64_t *tile = apq_alloc(sizeof(uint64_t) * STRIP * (size_t)bits * rwmax * TILE);
+    int64_t *dot = apq_alloc(sizeof(int64_t) * STRIP * (size_t)cmax * TILE);
     int64_t *sums = apq_alloc(sizeof(int64_t) * 2 * P0);
     if (!x || !xs || !pa || !pb || !tile || !dot || !sums) {
         status = -2;
@@ -594,8 +621,8 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
     const size_t P = plane_stride(H, W);
     uint64_t *planes = calloc(P * bits * cw, sizeof(uint64_t));
     uint64_t *wn = apq_alloc(sizeof(uint64_t) * 2 * (size_t)bits * cout * rw);
-    uint64_t *tile = apq_alloc(sizeof(uint64_t) * (size_t)bits * rw * TILE);
-    int64_t *dot = apq_alloc(sizeof(int64_t) * (size_t)cout * TILE);
+    uint64_t *tile = apq_alloc(sizeof(uint64_t) * STRIP * (size_t)bits * rw * TILE);
+    int64_t *dot = apq_alloc(sizeof(int64_t) * STRIP * (size_t)cout * TILE);
     int64_t *sums = apq_alloc(sizeof(int64_t) * 2 * P);
     int status = (planes && wn && tile && dot && sums) ? 0 : -2;
     if (!status) apq_split_nibbles(w, bits, cout, rw, wn);
