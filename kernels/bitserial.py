@@ -35,9 +35,12 @@ class _Block(ctypes.Structure):
         ("xthr", _P(ctypes.c_double)),
         ("xthr_t", _P(ctypes.c_double)),
         ("xsign", _P(ctypes.c_int32)),
+        ("xneg", _P(ctypes.c_double)),
         ("ithr", _P(ctypes.c_int64)),
         ("ithr_t", _P(ctypes.c_int64)),
         ("isign", _P(ctypes.c_int32)),
+        ("icmp_t", _P(ctypes.c_int64)),
+        ("iflip", _P(ctypes.c_uint8)),
         ("alpha2", _P(ctypes.c_double)),
     ]
 
@@ -77,6 +80,17 @@ def _nibbles(words: np.ndarray, bits: int) -> np.ndarray:
     out = clib.aligned_empty((2, *top.shape), np.uint64)
     _library().apq_split_nibbles(top.ctypes.data, bits, top.shape[1], top.shape[2], out.ctypes.data)
     return out
+
+
+def _signed_thresholds(thr: np.ndarray, sign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The AVX-512 packing epilogue's thresholds, sign folded in (see epilogue_pack_avx512_k): for a
+    channel of sign -1 the code is n - #{j : I >= 1 - T_(n+1-j)}, the complement of its planes.
+    Returns cmp_t [n, cout] int64 and flip [64 * words] uint8 (0xFF where the sign is -1)."""
+    neg = sign < 0
+    cmp = np.where(neg[:, None], 1 - thr[:, ::-1], thr)
+    flip = np.zeros(-(-len(sign) // 64) * 64, dtype=np.uint8)
+    flip[: len(sign)][neg] = 0xFF
+    return np.ascontiguousarray(cmp.T, dtype=np.int64), flip
 
 
 def conv_codes(codes: np.ndarray, planes: np.ndarray, bits: int, stride: int, path: str = "auto") -> np.ndarray:
@@ -125,13 +139,17 @@ class BitSerialNet:
             ithr, isign = clib.int_thresholds(bn2, alpha1, cout, bits, 9 * cin * n * n)
             alpha2 = clib.alpha(artifact, f"{name}.conv2", bits)
             xthr_t, ithr_t = np.ascontiguousarray(xthr.T), np.ascontiguousarray(ithr.T)  # SIMD layouts
-            keep += [w1, w2, w1n, w2n, xthr, xthr_t, xsign, ithr, ithr_t, isign, alpha1, alpha2]
+            xneg = np.where(xsign < 0, -0.0, 0.0)  # the sign as a sign bit to XOR (AVX-512)
+            icmp_t, iflip = _signed_thresholds(ithr, isign)
+            keep += [w1, w2, w1n, w2n, xthr, xthr_t, xsign, xneg, ithr, ithr_t, isign, icmp_t, iflip, alpha1, alpha2]
             ptr = clib.ptr
             cblocks[i] = _Block(
                 cin, cout, layer["stride"], w1.shape[2], w2.shape[2],
                 ptr(w1, ctypes.c_uint64), ptr(w2, ctypes.c_uint64), ptr(w1n, ctypes.c_uint64), ptr(w2n, ctypes.c_uint64),
                 ptr(xthr, ctypes.c_double), ptr(xthr_t, ctypes.c_double), ptr(xsign, ctypes.c_int32),
+                ptr(xneg, ctypes.c_double),
                 ptr(ithr, ctypes.c_int64), ptr(ithr_t, ctypes.c_int64), ptr(isign, ctypes.c_int32),
+                ptr(icmp_t, ctypes.c_int64), ptr(iflip, ctypes.c_uint8),
                 ptr(alpha2, ctypes.c_double),
             )  # fmt: skip
         self._net = parts.net(_Net, cblocks)

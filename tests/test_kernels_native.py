@@ -3,6 +3,8 @@ integer conv and against the portable C path, on random layers with odd shapes a
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -64,6 +66,22 @@ def test_extreme_codes_do_not_overflow(path):
 def test_every_path_gives_identical_logits(bundled, test_split, bits, images):
     x = to_input(test_split.images[:images][:, None], np.float64)[..., 0]
     outs = {p: bitserial.BitSerialNet(bundled, bits, p).run(x, threads=1) for p in PATHS}
+    for path in PATHS:
+        np.testing.assert_array_equal(outs[path], outs["scalar"], err_msg=f"{path} differs from scalar")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_negative_batchnorm_scales_give_identical_logits(bundled, test_split, bits):
+    """Channels whose BN scale is negative count thresholds from above (the SIMD epilogues fold that sign
+    into their thresholds); the bundled model has none, so negate every third channel's gamma."""
+    tensors = dict(bundled.tensors)
+    for name, t in bundled.tensors.items():
+        if name.endswith((".bn1.gamma", ".bn2.gamma")):
+            tensors[name] = t.copy()
+            tensors[name][:, ::3] *= -1
+    flipped = dataclasses.replace(bundled, tensors=tensors)
+    x = to_input(test_split.images[:16][:, None], np.float64)[..., 0]
+    outs = {p: bitserial.BitSerialNet(flipped, bits, p).run(x, threads=1) for p in PATHS}
     for path in PATHS:
         np.testing.assert_array_equal(outs[path], outs["scalar"], err_msg=f"{path} differs from scalar")
 

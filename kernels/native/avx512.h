@@ -111,29 +111,33 @@ TARGET_AVX512 AI __m512i weight_offsets_avx512(const int64_t *asum, int bits) {
     return _mm512_mullo_epi64(_mm512_loadu_si512((const void *)asum), offset);
 }
 
-/* epilogue_pack_avx2_k, the 8 lanes of a tile in one zmm. */
+/* The packing epilogue, the 8 lanes of a tile in one zmm, sign folded into the thresholds. With
+ * I = 2 dot - X, X = (N - 1) asum: for sign +1, I >= T_j <=> 2 dot >= X + T_j; for sign -1,
+ * -I >= T_j <=> not (2 dot >= X + 1 - T_j), so the code is n minus the count of the ascending
+ * thresholds 1 - T_{n+1-j}, i.e. the complement of its planes. cmp_t [n][cout] holds the thresholds
+ * c_j, flip [64 * words] the complement per channel (0 or 0xFF, zero past cout). */
 TARGET_AVX512 AI void epilogue_pack_avx512_k(const int64_t *dot, const int64_t *asum, const int *pix, const int *dst,
-                                             int cout, int bits, const int64_t *thr_t, const int32_t *sign,
+                                             int cout, int bits, const int64_t *cmp_t, const uint8_t *flip,
                                              uint64_t *out, size_t Po) {
     const int n = (1 << bits) - 1, cwo = words_for(cout);
-    const __m512i oa = weight_offsets_avx512(asum, bits);
-    const __m512i zero = _mm512_setzero_si512();
+    const __m512i X = _mm512_mullo_epi64(_mm512_loadu_si512((const void *)asum), _mm512_set1_epi64(n));
     for (int wd = 0; wd < cwo; wd++) {
-        uint8_t masks[MAX_BITS][64]; /* [plane][channel]: bit t = lane t's bit of that plane */
+        uint8_t masks[4][64]; /* [plane][channel]: bit t = lane t's bit of that plane (bits <= 4) */
         const int o0 = wd * 64, o1 = o0 + 64 < cout ? o0 + 64 : cout;
         if (o1 - o0 < 64) memset(masks, 0, sizeof masks);
         for (int o = o0; o < o1; o++) {
-            __m512i v = _mm512_add_epi64(_mm512_slli_epi64(_mm512_loadu_si512((const void *)(dot + (size_t)o * TILE)), 1), oa);
-            v = _mm512_mask_sub_epi64(v, sign[o] < 0 ? 0xFF : 0, zero, v); /* sign * I */
-            __mmask8 p[MAX_BITS] = {0};
+            const __m512i v = _mm512_slli_epi64(_mm512_loadu_si512((const void *)(dot + (size_t)o * TILE)), 1);
+            __mmask8 p[4] = {0};
             for (int j = 1; j <= n; j++) {
-                const __mmask8 m = _mm512_cmpgt_epi64_mask(v, _mm512_set1_epi64(thr_t[(size_t)(j - 1) * cout + o] - 1));
+                const __m512i c = _mm512_add_epi64(X, _mm512_set1_epi64(cmp_t[(size_t)(j - 1) * cout + o]));
+                const __mmask8 m = _mm512_cmpge_epi64_mask(v, c);
                 for (int b = 0; b < bits && (j & ((1 << b) - 1)) == 0; b++) p[bits - 1 - b] ^= m;
             }
             for (int q = 0; q < bits; q++) masks[q][o - o0] = p[q];
         }
+        const __m512i fl = _mm512_loadu_si512((const void *)(flip + o0));
         for (int q = 0; q < bits; q++) {
-            const __m512i bytes = _mm512_loadu_si512((const void *)masks[q]);
+            const __m512i bytes = _mm512_xor_si512(_mm512_loadu_si512((const void *)masks[q]), fl);
             uint64_t *plane = out + ((size_t)q * cwo + wd) * Po;
             for (int t = 0; t < TILE; t++)
                 if (pix[t] >= 0) plane[dst[t]] = _mm512_test_epi8_mask(bytes, _mm512_set1_epi8((char)(1 << t)));
@@ -142,12 +146,12 @@ TARGET_AVX512 AI void epilogue_pack_avx512_k(const int64_t *dot, const int64_t *
 }
 
 TARGET_AVX512 static void epilogue_pack_avx512(const int64_t *dot, const int64_t *asum, const int *pix, const int *dst,
-                                               int cout, int bits, const int64_t *thr_t, const int32_t *sign,
+                                               int cout, int bits, const int64_t *cmp_t, const uint8_t *flip,
                                                uint64_t *out, size_t Po) {
     switch (bits) {
-    case 1: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, 1, thr_t, sign, out, Po); break;
-    case 2: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, 2, thr_t, sign, out, Po); break;
-    default: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, bits, thr_t, sign, out, Po);
+    case 1: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, 1, cmp_t, flip, out, Po); break;
+    case 2: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, 2, cmp_t, flip, out, Po); break;
+    default: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, bits, cmp_t, flip, out, Po);
     }
 }
 
@@ -189,39 +193,42 @@ TARGET_AVX512 static void epilogue_residual_avx512(const int64_t *dot, const int
     }
 }
 
-/* pack_activations_avx2_k for c % 8 == 0: eight channels per compare, each compare a mask byte. */
+/* pack_activations_avx2_k for c % 8 == 0: eight channels per compare, each compare a mask byte. The sign
+ * is applied as an XOR of the sign bit (neg [c]: -0.0 where the sign is -1, else +0.0), which negates
+ * exactly as the multiply by -1 does. */
 TARGET_AVX512 AI void pack_activations_avx512_k(const double *x, int H, int W, int c, const double *thr_t,
-                                                const int32_t *sign, int bits, uint64_t *out) {
+                                                const double *neg, int bits, uint64_t *out) {
     const int cw = words_for(c), n = (1 << bits) - 1;
     const size_t P = plane_stride(H, W);
     memset(out, 0, sizeof(uint64_t) * P * bits * cw);
-    for (int i = 0; i < H * W; i++) {
-        uint64_t *dst = out + (size_t)(i / W + 1) * (W + 2) + i % W + 1;
-        const double *src = x + (size_t)i * c;
-        for (int j = 0; j < cw; j++) {
-            uint64_t word[MAX_BITS] = {0};
-            const int c1 = 64 * j + 64 < c ? 64 * j + 64 : c;
-            for (int ch = 64 * j; ch < c1; ch += 8) {
-                const __m512d v = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)(sign + ch))),
-                                                _mm512_loadu_pd(src + ch));
-                __mmask8 plane[MAX_BITS] = {0};
-                for (int k = 1; k <= n; k++) {
-                    const __mmask8 m = _mm512_cmp_pd_mask(v, _mm512_loadu_pd(thr_t + (size_t)(k - 1) * c + ch), _CMP_GE_OQ);
-                    for (int b = 0; b < bits && (k & ((1 << b) - 1)) == 0; b++) plane[bits - 1 - b] ^= m;
+    for (int y = 0; y < H; y++)
+        for (int xx = 0; xx < W; xx++) {
+            uint64_t *dst = out + (size_t)(y + 1) * (W + 2) + xx + 1;
+            const double *src = x + ((size_t)y * W + xx) * c;
+            for (int j = 0; j < cw; j++) {
+                uint64_t word[MAX_BITS] = {0};
+                const int c1 = 64 * j + 64 < c ? 64 * j + 64 : c;
+                for (int ch = 64 * j; ch < c1; ch += 8) {
+                    const __m512d v = _mm512_xor_pd(_mm512_loadu_pd(src + ch), _mm512_loadu_pd(neg + ch));
+                    __mmask8 plane[MAX_BITS] = {0};
+                    for (int k = 1; k <= n; k++) {
+                        const __mmask8 m =
+                            _mm512_cmp_pd_mask(v, _mm512_loadu_pd(thr_t + (size_t)(k - 1) * c + ch), _CMP_GE_OQ);
+                        for (int b = 0; b < bits && (k & ((1 << b) - 1)) == 0; b++) plane[bits - 1 - b] ^= m;
+                    }
+                    for (int q = 0; q < bits; q++) word[q] |= (uint64_t)plane[q] << (ch & 63);
                 }
-                for (int q = 0; q < bits; q++) word[q] |= (uint64_t)plane[q] << (ch & 63);
+                for (int q = 0; q < bits; q++) dst[((size_t)q * cw + j) * P] = word[q];
             }
-            for (int q = 0; q < bits; q++) dst[((size_t)q * cw + j) * P] = word[q];
         }
-    }
 }
 
 TARGET_AVX512 static void pack_activations_avx512(const double *x, int H, int W, int c, const double *thr_t,
-                                                  const int32_t *sign, int bits, uint64_t *out) {
+                                                  const double *neg, int bits, uint64_t *out) {
     switch (bits) {
-    case 1: pack_activations_avx512_k(x, H, W, c, thr_t, sign, 1, out); break;
-    case 2: pack_activations_avx512_k(x, H, W, c, thr_t, sign, 2, out); break;
-    default: pack_activations_avx512_k(x, H, W, c, thr_t, sign, bits, out);
+    case 1: pack_activations_avx512_k(x, H, W, c, thr_t, neg, 1, out); break;
+    case 2: pack_activations_avx512_k(x, H, W, c, thr_t, neg, 2, out); break;
+    default: pack_activations_avx512_k(x, H, W, c, thr_t, neg, bits, out);
     }
 }
 

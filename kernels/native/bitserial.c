@@ -256,6 +256,8 @@ typedef struct {
     const int64_t *thr;    /* EPI_PACK: [cout][n] integer thresholds of the next BN + quantizer */
     const int64_t *thr_t;  /* EPI_PACK: the same, transposed [n][cout] (for the SIMD epilogue) */
     const int32_t *sign;   /* EPI_PACK: [cout] */
+    const int64_t *cmp_t;  /* EPI_PACK: [n][cout], the thresholds with the sign folded in (AVX-512) */
+    const uint8_t *flip;   /* EPI_PACK: [64 * words(cout)], 0xFF where the sign is -1 (AVX-512) */
     uint64_t *out_planes;  /* EPI_PACK: padded planes of the output image */
     const double *alpha;   /* EPI_RESIDUAL: [cout], weight scale / (N n) */
     double *residual;      /* EPI_RESIDUAL: [pix][cout], I * alpha is added in place */
@@ -269,7 +271,7 @@ AI void epilogue_tile(int path, const int64_t *dot, const int64_t *asum, const i
     const int64_t offset = 1 - (1LL << bits);
 #ifdef APQ_X86
     if (path == PATH_AVX512 && epi->mode == EPI_PACK && bits <= 4) {
-        epilogue_pack_avx512(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
+        epilogue_pack_avx512(dot, asum, pix, dst, cout, bits, epi->cmp_t, epi->flip, epi->out_planes, Po);
         return;
     }
     if (path == PATH_AVX512 && epi->mode == EPI_RESIDUAL && cout % 8 == 0) {
@@ -403,9 +405,12 @@ typedef struct {
     const double *xthr;                   /* [cin][n]: bn1 + quantizer on the residual stream */
     const double *xthr_t;                 /* [n][cin]: the same, transposed (SIMD) */
     const int32_t *xsign;                 /* [cin] */
+    const double *xneg;                   /* [cin]: -0.0 where xsign is -1, else +0.0 (AVX-512) */
     const int64_t *ithr;                  /* [cout][n]: conv1 output -> bn2 + quantizer */
     const int64_t *ithr_t;                /* [n][cout]: the same, transposed (SIMD) */
     const int32_t *isign;                 /* [cout] */
+    const int64_t *icmp_t;                /* [n][cout]: the same with the sign folded in (AVX-512) */
+    const uint8_t *iflip;                 /* [64 * words(cout)]: 0xFF where isign is -1, else 0 */
     const double *alpha2;                 /* [cout]: conv2 weight scale / (N n) */
 } apq_block;
 
@@ -551,13 +556,13 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
             const int s = b->stride, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
 #ifdef APQ_X86
             if (path == PATH_AVX512 && b->cin % 8 == 0 && bits <= 4)
-                pack_activations_avx512(x, H, W, b->cin, b->xthr_t, b->xsign, bits, pa);
+                pack_activations_avx512(x, H, W, b->cin, b->xthr_t, b->xneg, bits, pa);
             else if (path != PATH_SCALAR && b->cin % 4 == 0 && bits <= 4)
                 pack_activations_avx2(x, H, W, b->cin, b->xthr_t, b->xsign, bits, pa);
             else
 #endif
                 pack_activations(x, H, W, b->cin, b->xthr, b->xsign, bits, pa);
-            epilogue e1 = {EPI_PACK, NULL, b->ithr, b->ithr_t, b->isign, pb, NULL, NULL};
+            epilogue e1 = {EPI_PACK, NULL, b->ithr, b->ithr_t, b->isign, b->icmp_t, b->iflip, pb, NULL, NULL};
             conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->w1n, b->cout, b->rw1, s, tile, dot, sums, &e1);
             if (s != 1 || b->cin != b->cout) {
                 apq_shortcut(x, H, W, b->cin, b->cout, s, xs);
@@ -565,7 +570,7 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
                 x = xs;
                 xs = t;
             }
-            epilogue e2 = {EPI_RESIDUAL, NULL, NULL, NULL, NULL, NULL, b->alpha2, x};
+            epilogue e2 = {EPI_RESIDUAL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, b->alpha2, x};
             conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->w2n, b->cout, b->rw2, 1, tile, dot, sums, &e2);
             H = Ho;
             W = Wo;
@@ -632,7 +637,7 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
             for (int c = 0; c < cin; c++)
                 put_code(planes + (size_t)(i / W + 1) * (W + 2) + i % W + 1, P, bits, cw, c,
                          codes[((size_t)b * H * W + i) * cin + c]);
-        epilogue e = {EPI_INT, out + (size_t)b * Ho * Wo * cout, NULL, NULL, NULL, NULL, NULL, NULL};
+        epilogue e = {EPI_INT, out + (size_t)b * Ho * Wo * cout, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
         conv3x3(path, planes, H, W, cin, bits, w, wn, cout, rw, stride, tile, dot, sums, &e);
     }
     free(planes);
