@@ -245,7 +245,7 @@ TARGET_AVX512 static void gather_small_avx512(const uint64_t *in, size_t P, int 
     for (int q = 0; q < bits; q++)
         for (int d = 0; d < rw; d++) {
             __m512i word = _mm512_setzero_si512();
-            for (int k = d * per; k < 9 && k < (d + 1) * per; k++) {
+            for (int k = d * per, sh = 0; k < 9 && k < (d + 1) * per; k++, sh += cin) {
                 const uint64_t *base = in + (size_t)q * P + off[k];
                 const __m512i a = !g    ? _mm512_loadu_si512((const void *)(base + g0))
                                   : run ? _mm512_loadu_si512((const void *)(base + g[0]))
@@ -253,7 +253,7 @@ TARGET_AVX512 static void gather_small_avx512(const uint64_t *in, size_t P, int 
                                                            (long long)base[g[5]], (long long)base[g[4]],
                                                            (long long)base[g[3]], (long long)base[g[2]],
                                                            (long long)base[g[1]], (long long)base[g[0]]);
-                word = _mm512_or_si512(word, _mm512_sll_epi64(a, _mm_cvtsi32_si128((k % per) * cin)));
+                word = _mm512_or_si512(word, _mm512_sll_epi64(a, _mm_cvtsi32_si128(sh)));
             }
             _mm512_storeu_si512((void *)(tile + ((size_t)q * rw + d) * TILE), word);
         }

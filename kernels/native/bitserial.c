@@ -458,34 +458,6 @@ void apq_stem(int path, const double *img, int H, int W, int kk, const double *w
     stem(img, H, W, kk, wt, cout, out);
 }
 
-void apq_shortcut(const double *x, int H, int W, int cin, int cout, int stride, double *out) {
-    const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-    for (int y = 0; y < Ho; y++)
-        for (int xx = 0; xx < Wo; xx++) {
-            const double *src = x + ((size_t)(y * stride) * W + xx * stride) * cin;
-            double *dst = out + ((size_t)y * Wo + xx) * cout;
-            for (int c = 0; c < cout; c++) dst[c] = c < cin ? src[c] : 0.0;
-        }
-}
-
-void apq_head(const double *x, int npix, int c, const batchnorm *bn, int head_in, int head_out, const double *fc_w,
-              const double *fc_b, float *logits) {
-    double pooled[1024];
-    const int hin = head_in < 1024 ? head_in : 1024;
-    for (int ch = 0; ch < hin; ch++) pooled[ch] = 0.0;
-    for (int p = 0; p < npix; p++)
-        for (int ch = 0; ch < hin; ch++) {
-            const double v = bn_apply(bn, ch, x[(size_t)p * c + ch]);
-            pooled[ch] += v > 0.0 ? v : 0.0;
-        }
-    for (int ch = 0; ch < hin; ch++) pooled[ch] /= (double)npix;
-    for (int o = 0; o < head_out; o++) {
-        double acc = 0.0;
-        for (int ch = 0; ch < hin; ch++) acc += pooled[ch] * fc_w[(size_t)o * head_in + ch];
-        logits[o] = (float)(acc + fc_b[o]);
-    }
-}
-
 typedef struct {
     apq_range_fn fn;
     const void *ctx;
@@ -565,7 +537,7 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
             epilogue e1 = {EPI_PACK, NULL, b->ithr, b->ithr_t, b->isign, b->icmp_t, b->iflip, pb, NULL, NULL};
             conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->w1n, b->cout, b->rw1, s, tile, dot, sums, &e1);
             if (s != 1 || b->cin != b->cout) {
-                apq_shortcut(x, H, W, b->cin, b->cout, s, xs);
+                shortcut(x, H, W, b->cin, b->cout, s, xs);
                 double *t = x;
                 x = xs;
                 xs = t;
@@ -576,7 +548,7 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
             W = Wo;
             C = b->cout;
         }
-        apq_head(x, H * W, C, &net->head_bn, net->head_in, net->head_out, net->fc_w, net->fc_b,
+        head(x, H * W, C, &net->head_bn, net->head_in, net->head_out, net->fc_w, net->fc_b,
                  jb->logits + (size_t)img * net->head_out);
     }
 done:

@@ -42,12 +42,38 @@ static inline int quantize(double z, double n) {
 /* The stem conv (one input channel, zero padding kernel / 2): img [H*W] -> out [H*W][cout]. */
 void apq_stem(int path, const double *img, int H, int W, int kk, const double *wt, int cout, double *out);
 
-/* Option-A shortcut: x [H*W][cin] subsampled by stride, channels zero-filled up to cout -> out. */
-void apq_shortcut(const double *x, int H, int W, int cin, int cout, int stride, double *out);
+/* Option-A shortcut: x [H*W][cin] subsampled by stride, channels zero-filled up to cout -> out. Inlined
+ * into each path's forward pass, so it is compiled (and vectorized) for that path's target. */
+AI void shortcut(const double *x, int H, int W, int cin, int cout, int stride, double *out) {
+    const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, n = cin < cout ? cin : cout;
+    for (int y = 0; y < Ho; y++)
+        for (int xx = 0; xx < Wo; xx++) {
+            const double *src = x + ((size_t)(y * stride) * W + xx * stride) * cin;
+            double *dst = out + ((size_t)y * Wo + xx) * cout;
+            memcpy(dst, src, sizeof(double) * n);
+            memset(dst + n, 0, sizeof(double) * (cout - n));
+        }
+}
 
-/* relu(bn(x)), global average pool, linear: x [npix][c] -> logits [head_out] (head_in <= 1024). */
-void apq_head(const double *x, int npix, int c, const batchnorm *bn, int head_in, int head_out, const double *fc_w,
-              const double *fc_b, float *logits);
+/* relu(bn(x)), global average pool, linear: x [npix][c] -> logits [head_out] (head_in <= 1024). Inlined
+ * like shortcut: the BN runs across channels, each channel's sum in pixel order. */
+AI void head(const double *x, int npix, int c, const batchnorm *bn, int head_in, int head_out, const double *fc_w,
+             const double *fc_b, float *logits) {
+    double pooled[1024];
+    const int hin = head_in < 1024 ? head_in : 1024;
+    for (int ch = 0; ch < hin; ch++) pooled[ch] = 0.0;
+    for (int p = 0; p < npix; p++)
+        for (int ch = 0; ch < hin; ch++) {
+            const double v = bn_apply(bn, ch, x[(size_t)p * c + ch]);
+            pooled[ch] += v > 0.0 ? v : 0.0;
+        }
+    for (int ch = 0; ch < hin; ch++) pooled[ch] /= (double)npix;
+    for (int o = 0; o < head_out; o++) {
+        double acc = 0.0;
+        for (int ch = 0; ch < hin; ch++) acc += pooled[ch] * fc_w[(size_t)o * head_in + ch];
+        logits[o] = (float)(acc + fc_b[o]);
+    }
+}
 
 /* Scratch for the kernels, 64-byte aligned: SIMD rows then never straddle a cache line. With malloc's
  * 16-byte alignment the same code ran 1.5 x slower in some processes than in others (whichever offset the

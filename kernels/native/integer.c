@@ -561,7 +561,7 @@ static int forward_range(const void *ctx, int b0, int b1) {
             memset(pb, 0, elem * padded_pixels(Ho, Wo) * b->cout);
             codes_ints(path, width, acc, Ho, Wo, b, bits, pb);
             if (s != 1 || b->cin != b->cout) {
-                apq_shortcut(x, H, W, b->cin, b->cout, s, xs);
+                shortcut(x, H, W, b->cin, b->cout, s, xs);
                 double *t = x;
                 x = xs;
                 xs = t;
@@ -572,7 +572,7 @@ static int forward_range(const void *ctx, int b0, int b1) {
             W = Wo;
             C = b->cout;
         }
-        apq_head(x, H * W, C, &net->head_bn, net->head_in, net->head_out, net->fc_w, net->fc_b,
+        head(x, H * W, C, &net->head_bn, net->head_in, net->head_out, net->fc_w, net->fc_b,
                  jb->logits + (size_t)img * net->head_out);
     }
 done:
