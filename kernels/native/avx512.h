@@ -232,29 +232,32 @@ TARGET_AVX512 static void pack_activations_avx512(const double *x, int H, int W,
     }
 }
 
-/* The gather when cin < 64 divides 64 (the 32 channels of the first stage), the tile's 8 lanes in one
- * zmm: 64 / cin taps share each word, which is assembled from its taps in a register and stored once
- * (the AVX2 gather ORs every tap into a zeroed tile, two read-modify-writes per tap). Writes every word
- * of the tile. A dense tile's lanes, or 8 consecutive origins, are one load; other lanes are loaded one
- * by one. (For cin % 64 == 0 a zmm version of the AVX2 gather was no faster, and with vpgatherqq for
- * the scattered lanes slower.) */
-TARGET_AVX512 static void gather_small_avx512(const uint64_t *in, size_t P, int cin, int bits, int rw, int g0,
-                                              const int *g, const int *off, uint64_t *tile) {
+/* The gather when cin < 64 divides 64 (the 32 channels of the first stage), for a strip of nt tiles
+ * (g: their lanes' origins, TILE per tile), each tile's 8 lanes in one zmm: 64 / cin taps share each
+ * word, which is assembled from its taps in a register and stored once (the AVX2 gather ORs every tap
+ * into a zeroed tile, two read-modify-writes per tap). Writes every word of the tiles. Lanes that are 8
+ * consecutive origins (every dense tile) are one load; other lanes are loaded one by one. (For
+ * cin % 64 == 0 a zmm version of the AVX2 gather was no faster, and with vpgatherqq for the scattered
+ * lanes slower.) */
+TARGET_AVX512 static void gather_small_avx512(const uint64_t *in, size_t P, int cin, int bits, int rw, int nt,
+                                              const int *g, int dense, const int *off, uint64_t *tile,
+                                              size_t tile_words) {
     const int per = 64 / cin; /* taps per word; one word of channels per tap (cw = 1) */
-    const int run = g && g[7] - g[0] == 7;
-    for (int q = 0; q < bits; q++)
-        for (int d = 0; d < rw; d++) {
-            __m512i word = _mm512_setzero_si512();
-            for (int k = d * per, sh = 0; k < 9 && k < (d + 1) * per; k++, sh += cin) {
-                const uint64_t *base = in + (size_t)q * P + off[k];
-                const __m512i a = !g    ? _mm512_loadu_si512((const void *)(base + g0))
-                                  : run ? _mm512_loadu_si512((const void *)(base + g[0]))
-                                        : _mm512_set_epi64((long long)base[g[7]], (long long)base[g[6]],
-                                                           (long long)base[g[5]], (long long)base[g[4]],
-                                                           (long long)base[g[3]], (long long)base[g[2]],
-                                                           (long long)base[g[1]], (long long)base[g[0]]);
-                word = _mm512_or_si512(word, _mm512_sll_epi64(a, _mm_cvtsi32_si128(sh)));
+    for (int k = 0; k < nt; k++) {
+        const int *gk = g + k * TILE, run = dense || gk[7] - gk[0] == 7;
+        for (int q = 0; q < bits; q++)
+            for (int d = 0; d < rw; d++) {
+                __m512i word = _mm512_setzero_si512();
+                for (int j = d * per, sh = 0; j < 9 && j < (d + 1) * per; j++, sh += cin) {
+                    const uint64_t *base = in + (size_t)q * P + off[j];
+                    const __m512i a = run ? _mm512_loadu_si512((const void *)(base + gk[0]))
+                                          : _mm512_set_epi64((long long)base[gk[7]], (long long)base[gk[6]],
+                                                             (long long)base[gk[5]], (long long)base[gk[4]],
+                                                             (long long)base[gk[3]], (long long)base[gk[2]],
+                                                             (long long)base[gk[1]], (long long)base[gk[0]]);
+                    word = _mm512_or_si512(word, _mm512_sll_epi64(a, _mm_cvtsi32_si128(sh)));
+                }
+                _mm512_storeu_si512((void *)(tile + k * tile_words + ((size_t)q * rw + d) * TILE), word);
             }
-            _mm512_storeu_si512((void *)(tile + ((size_t)q * rw + d) * TILE), word);
-        }
+    }
 }

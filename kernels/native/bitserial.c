@@ -325,12 +325,44 @@ AI void gather(const uint64_t *in, size_t P, int cin, int bits, int rw, const in
                 }
 }
 
-/* 3x3 conv, pad 1, stride 1 or 2, on padded planes of an H x W image. tile: STRIP*bits*rw*TILE words,
- * dot: STRIP*cout*TILE int64, sums: 2 * plane_stride(H, W) int64 scratch (each padded pixel's activation sum, then
- * each window origin's). */
+/* The lanes of a conv's tiles, which depend on its shape only, so a forward pass builds them once per
+ * conv for all its images. Tiles run over window origins (top-left corners, padded coordinates). Dense
+ * (stride 1 on a wide image): every origin of rows 0..Ho-1, so consecutive lanes are consecutive words
+ * and the SIMD gather loads 4 lanes at once; the two border columns between rows are computed and
+ * dropped, which costs 2 / (W + 2) of the core. On narrow images that waste (13 % at 14 x 14, 22 % at
+ * 7 x 7, more with the last tile's spare lanes) outweighs the cheaper gather: there, as for stride 2, the
+ * lanes are the output pixels' origins. Per lane, TILE per tile: g the window origin, pix the output
+ * pixel (-1: dropped), dst its index in the padded output planes. */
+typedef struct {
+    int count, dense;
+    int *g, *pix, *dst;
+} lanes;
+
+static int lanes_init(lanes *ln, int H, int W, int stride) {
+    const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, Wp = W + 2;
+    ln->dense = stride == 1 && Wp >= 20;
+    ln->count = ln->dense ? (Ho - 1) * Wp + Wo : Ho * Wo;
+    const int n = (ln->count + TILE - 1) / TILE * TILE, row = ln->dense ? Wp : Wo;
+    ln->g = malloc(sizeof(int) * 3 * (size_t)n);
+    if (!ln->g) return -2;
+    ln->pix = ln->g + n;
+    ln->dst = ln->pix + n;
+    for (int i = 0, oy = 0, ox = 0; i < n; i++) {
+        const int ok = i < ln->count && ox < Wo;
+        ln->g[i] = ln->dense ? i : (ok ? stride * (oy * Wp + ox) : 0);
+        ln->pix[i] = ok ? oy * Wo + ox : -1;
+        ln->dst[i] = ok ? (oy + 1) * (Wo + 2) + ox + 1 : -1;
+        if (++ox == row) ox = 0, oy++;
+    }
+    return 0;
+}
+
+/* 3x3 conv, pad 1, stride 1 or 2, on padded planes of an H x W image; ln: its lanes (lanes_init). tile:
+ * STRIP*bits*rw*TILE words, dot: STRIP*cout*TILE int64, sums: 2 * plane_stride(H, W) int64 scratch (each
+ * padded pixel's activation sum, then each window origin's). */
 AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, const uint64_t *w, const uint64_t *wn,
-                int cout, int rw,
-                int stride, uint64_t *tile, int64_t *dot, int64_t *sums, const epilogue *epi) {
+                int cout, int rw, int stride, const lanes *ln, uint64_t *tile, int64_t *dot, int64_t *sums,
+                const epilogue *epi) {
     const int Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, Wp = W + 2, cw = words_for(cin);
     const int cwo = words_for(cout);
     const size_t P = plane_stride(H, W), Po = plane_stride(Ho, Wo);
@@ -349,14 +381,7 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
     for (size_t f = 0; f < origins + 2 * (size_t)Wp; f++) pixsum[f] += pixsum[f + 1] + pixsum[f + 2];
     for (size_t f = 0; f < origins; f++) wsum[f] = pixsum[f] + pixsum[f + Wp] + pixsum[f + 2 * (size_t)Wp];
     if (epi->mode == EPI_PACK) memset(epi->out_planes, 0, sizeof(uint64_t) * Po * bits * cwo);
-    /* Tiles run over window origins (top-left corners, padded coordinates). Dense (stride 1 on a wide
-     * image): every origin of rows 0..Ho-1, so consecutive lanes are consecutive words and the SIMD
-     * gather loads 4 lanes at once; the two border columns between rows are computed and dropped, which
-     * costs 2 / (W + 2) of the core. On narrow images that waste (13 % at 14 x 14, 22 % at 7 x 7, more
-     * with the last tile's spare lanes) outweighs the cheaper gather: there, as for stride 2, the lanes
-     * are the output pixels' origins. */
-    const int dense = stride == 1 && Wp >= 20;
-    const int count = dense ? (Ho - 1) * Wp + Wo : Ho * Wo, row = dense ? Wp : Wo;
+    const int count = ln->count;
     const size_t tile_words = (size_t)bits * rw * TILE;
     const int small = path == PATH_AVX512 && cin < 64 && 64 % cin == 0; /* gather_small_avx512 */
     /* A strip of up to STRIP tiles at a time: the AVX-512 core keeps 4 tiles x 4 channels of accumulators
@@ -364,33 +389,28 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
     const int strip = path == PATH_AVX512 ? STRIP : 1;
     for (int s0 = 0; s0 < count; s0 += strip * TILE) {
         const int nt = (count - s0 + TILE - 1) / TILE < strip ? (count - s0 + TILE - 1) / TILE : strip;
-        int pix[STRIP][TILE], dst[STRIP][TILE]; /* output pixel (-1: dropped), its padded index */
-        int64_t asum[STRIP][TILE];
-        for (int k = 0; k < nt; k++) {
-            const int t0 = s0 + k * TILE;
-            int g[TILE]; /* window origins */
-            for (int t = 0, oy = t0 / row, ox = t0 % row; t < TILE; t++) {
-                const int ok = t0 + t < count && ox < Wo;
-                g[t] = dense ? t0 + t : (ok ? stride * (oy * Wp + ox) : 0);
-                pix[k][t] = ok ? oy * Wo + ox : -1;
-                dst[k][t] = ok ? (oy + 1) * (Wo + 2) + ox + 1 : -1;
-                asum[k][t] = ok ? wsum[g[t]] : 0;
-                if (++ox == row) ox = 0, oy++;
-            }
-            uint64_t *tk = tile + k * tile_words;
-            if (!small && (path == PATH_SCALAR || cin % 64)) memset(tk, 0, sizeof(uint64_t) * tile_words);
+        const int *g = ln->g + s0, *pix = ln->pix + s0, *dst = ln->dst + s0; /* the strip's lanes */
+        int64_t asum[STRIP * TILE];
+        for (int i = 0; i < nt * TILE; i++) asum[i] = pix[i] >= 0 ? wsum[g[i]] : 0;
 #ifdef APQ_X86
-            if (small)
-                gather_small_avx512(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tk);
-            else if (path != PATH_SCALAR)
-                gather_avx2(in, P, cin, bits, rw, t0, dense ? NULL : g, off, tk);
-            else
+        if (small)
+            gather_small_avx512(in, P, cin, bits, rw, nt, g, ln->dense, off, tile, tile_words);
+        else
 #endif
-                gather(in, P, cin, bits, rw, g, off, tk);
-        }
+            for (int k = 0; k < nt; k++) {
+                uint64_t *tk = tile + k * tile_words;
+                if (path == PATH_SCALAR || cin % 64) memset(tk, 0, sizeof(uint64_t) * tile_words);
+#ifdef APQ_X86
+                if (path != PATH_SCALAR)
+                    gather_avx2(in, P, cin, bits, rw, s0 + k * TILE, ln->dense ? NULL : g + k * TILE, off, tk);
+                else
+#endif
+                    gather(in, P, cin, bits, rw, g + k * TILE, off, tk);
+            }
         run_core(path, tile, nt, tile_words, w, wn, bits, cout, rw, dot);
         for (int k = 0; k < nt; k++)
-            epilogue_tile(path, dot + (size_t)k * cout * TILE, asum[k], pix[k], dst[k], cout, bits, Po, epi);
+            epilogue_tile(path, dot + (size_t)k * cout * TILE, asum + k * TILE, pix + k * TILE, dst + k * TILE, cout,
+                          bits, Po, epi);
     }
 }
 
@@ -516,10 +536,19 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
     uint64_t *tile = apq_alloc(sizeof(uint64_t) * STRIP * (size_t)bits * rwmax * TILE);
     int64_t *dot = apq_alloc(sizeof(int64_t) * STRIP * (size_t)cmax * TILE);
     int64_t *sums = apq_alloc(sizeof(int64_t) * 2 * P0);
-    if (!x || !xs || !pa || !pb || !tile || !dot || !sums) {
+    lanes *ln = calloc(2 * (size_t)net->nblocks, sizeof(lanes)); /* [block][conv1, conv2] */
+    if (!x || !xs || !pa || !pb || !tile || !dot || !sums || !ln) {
         status = -2;
         goto done;
     }
+    for (int i = 0, H = H0, W = W0; i < net->nblocks && !status; i++) {
+        const int s = net->blocks[i].stride;
+        status = lanes_init(&ln[2 * i], H, W, s);
+        H = (H - 1) / s + 1;
+        W = (W - 1) / s + 1;
+        if (!status) status = lanes_init(&ln[2 * i + 1], H, W, 1);
+    }
+    if (status) goto done;
     for (int img = b0; img < b1; img++) {
         int H = H0, W = W0, C = net->stem_cout;
         apq_stem(path, jb->images + (size_t)img * npix, H, W, net->stem_kernel, net->stem_w, C, x);
@@ -535,7 +564,7 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
 #endif
                 pack_activations(x, H, W, b->cin, b->xthr, b->xsign, bits, pa);
             epilogue e1 = {EPI_PACK, NULL, b->ithr, b->ithr_t, b->isign, b->icmp_t, b->iflip, pb, NULL, NULL};
-            conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->w1n, b->cout, b->rw1, s, tile, dot, sums, &e1);
+            conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->w1n, b->cout, b->rw1, s, &ln[2 * i], tile, dot, sums, &e1);
             if (s != 1 || b->cin != b->cout) {
                 shortcut(x, H, W, b->cin, b->cout, s, xs);
                 double *t = x;
@@ -543,7 +572,8 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
                 xs = t;
             }
             epilogue e2 = {EPI_RESIDUAL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, b->alpha2, x};
-            conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->w2n, b->cout, b->rw2, 1, tile, dot, sums, &e2);
+            conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->w2n, b->cout, b->rw2, 1, &ln[2 * i + 1], tile, dot, sums,
+                    &e2);
             H = Ho;
             W = Wo;
             C = b->cout;
@@ -559,6 +589,8 @@ done:
     free(tile);
     free(dot);
     free(sums);
+    for (int i = 0; ln && i < 2 * net->nblocks; i++) free(ln[i].g);
+    free(ln);
     return status;
 }
 
@@ -601,7 +633,8 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
     uint64_t *tile = apq_alloc(sizeof(uint64_t) * STRIP * (size_t)bits * rw * TILE);
     int64_t *dot = apq_alloc(sizeof(int64_t) * STRIP * (size_t)cout * TILE);
     int64_t *sums = apq_alloc(sizeof(int64_t) * 2 * P);
-    int status = (planes && wn && tile && dot && sums) ? 0 : -2;
+    lanes ln = {0};
+    int status = (planes && wn && tile && dot && sums) ? lanes_init(&ln, H, W, stride) : -2;
     if (!status) apq_split_nibbles(w, bits, cout, rw, wn);
     for (int b = 0; b < batch && !status; b++) {
         memset(planes, 0, sizeof(uint64_t) * P * bits * cw);
@@ -610,12 +643,13 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
                 put_code(planes + (size_t)(i / W + 1) * (W + 2) + i % W + 1, P, bits, cw, c,
                          codes[((size_t)b * H * W + i) * cin + c]);
         epilogue e = {EPI_INT, out + (size_t)b * Ho * Wo * cout, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
-        conv3x3(path, planes, H, W, cin, bits, w, wn, cout, rw, stride, tile, dot, sums, &e);
+        conv3x3(path, planes, H, W, cin, bits, w, wn, cout, rw, stride, &ln, tile, dot, sums, &e);
     }
     free(planes);
     free(wn);
     free(tile);
     free(dot);
     free(sums);
+    free(ln.g);
     return status;
 }
