@@ -271,6 +271,20 @@ TARGET_AVX512 static void gather_small_avx512(const uint64_t *in, size_t P, int 
     const int per = 64 / cin; /* taps per word; one word of channels per tap (cw = 1) */
     for (int k = 0; k < nt; k++) {
         const int *gk = g + k * TILE, run = dense || gk[7] - gk[0] == 7;
+        if (run && cin == 32 && rw == 5) { /* two taps per word, tap j's word in dwords 2 (j % 2) */
+            for (int q = 0; q < bits; q++) {
+                const uint64_t *base = in + (size_t)q * P + gk[0];
+                uint64_t *row = tile + k * tile_words + (size_t)q * rw * TILE;
+                for (int d = 0; d < 4; d++) {
+                    const __m512i lo = _mm512_loadu_si512((const void *)(base + off[2 * d]));
+                    const __m512i hi = _mm512_loadu_si512((const void *)(base + off[2 * d + 1]));
+                    /* odd dwords from hi's even ones: lo | hi << 32, one instruction */
+                    _mm512_storeu_si512((void *)(row + d * TILE), _mm512_mask_shuffle_epi32(lo, 0xAAAA, hi, _MM_PERM_CCAA));
+                }
+                _mm512_storeu_si512((void *)(row + 4 * TILE), _mm512_loadu_si512((const void *)(base + off[8])));
+            }
+            continue;
+        }
         for (int q = 0; q < bits; q++)
             for (int d = 0; d < rw; d++) {
                 __m512i word = _mm512_setzero_si512();
