@@ -9,8 +9,18 @@
  * for 32 channels) was a third of the one-tile core's time. The plane pairs are summed by Horner's rule
  * on their weight 2^s, s = (k-1-p) + (k-1-q) from high to low (acc = 2 acc + the pairs at s), so no
  * second set of accumulators is needed. */
+/* The packing epilogue at 1 bit, run on the accumulators of the core's block (cout % 4 == 0): with
+ * I = 2 dot - asum, channel o's bit is [2 dot >= asum + cmp_t[o]], complemented where flip says
+ * (epilogue_pack_avx512_k has the derivation). The bits go to masks [tile][cpad], one byte per channel,
+ * bit t = lane t. (Written for 1 bit only: at more bits the compiler kept the accumulators in memory.) */
+typedef struct {
+    const int64_t *cmp_t, *asum; /* [n][cout]; [tile][TILE] */
+    uint8_t *masks;
+    int cpad;                    /* channels per row of masks: cout rounded up to 64 */
+} core_pack;
+
 TARGET_AVX512 AI void core_avx512_nt(const uint64_t *tile, size_t tile_words, const uint64_t *w, int bits, int cout,
-                                     int rw, int64_t *dot, const int NT) {
+                                     int rw, int64_t *dot, const core_pack *pk, const int NT) {
     int o = 0;
     for (; o + 4 <= cout; o += 4) {
         __m512i acc[4][4]; /* [tile][channel] */
@@ -39,6 +49,15 @@ TARGET_AVX512 AI void core_avx512_nt(const uint64_t *tile, size_t tile_words, co
                 }
             }
         }
+        if (pk) { /* 1 bit: X = asum, one threshold */
+            for (int k = 0; k < NT; k++) {
+                const __m512i X = _mm512_loadu_si512((const void *)(pk->asum + k * TILE));
+                for (int c = 0; c < 4; c++)
+                    pk->masks[(size_t)k * pk->cpad + o + c] = _mm512_cmpge_epi64_mask(
+                        _mm512_slli_epi64(acc[k][c], 1), _mm512_add_epi64(X, _mm512_set1_epi64(pk->cmp_t[o + c])));
+            }
+            continue;
+        }
         for (int k = 0; k < NT; k++)
             for (int c = 0; c < 4; c++)
                 _mm512_storeu_si512((void *)(dot + ((size_t)k * cout + o + c) * TILE), acc[k][c]);
@@ -47,13 +66,14 @@ TARGET_AVX512 AI void core_avx512_nt(const uint64_t *tile, size_t tile_words, co
         for (int k = 0; k < NT; k++) core_channel(tile + k * tile_words, w, bits, cout, o, rw, dot + (size_t)k * cout * TILE);
 }
 
+/* pk: NULL, or the 1-bit packing epilogue's compares to run in place of storing dot (cout % 4 == 0). */
 TARGET_AVX512 static void core_avx512(const uint64_t *tile, int nt, size_t tile_words, const uint64_t *w, int bits,
-                                      int cout, int rw, int64_t *dot) {
+                                      int cout, int rw, int64_t *dot, const core_pack *pk) {
     switch (nt) {
-    case 4: core_avx512_nt(tile, tile_words, w, bits, cout, rw, dot, 4); break;
-    case 3: core_avx512_nt(tile, tile_words, w, bits, cout, rw, dot, 3); break;
-    case 2: core_avx512_nt(tile, tile_words, w, bits, cout, rw, dot, 2); break;
-    default: core_avx512_nt(tile, tile_words, w, bits, cout, rw, dot, 1);
+    case 4: core_avx512_nt(tile, tile_words, w, bits, cout, rw, dot, pk, 4); break;
+    case 3: core_avx512_nt(tile, tile_words, w, bits, cout, rw, dot, pk, 3); break;
+    case 2: core_avx512_nt(tile, tile_words, w, bits, cout, rw, dot, pk, 2); break;
+    default: core_avx512_nt(tile, tile_words, w, bits, cout, rw, dot, pk, 1);
     }
 }
 
@@ -178,6 +198,19 @@ TARGET_AVX512 static void epilogue_pack_avx512(const int64_t *dot, const int64_t
     case 1: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, 1, cmp_t, flip, out, Po); break;
     case 2: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, 2, cmp_t, flip, out, Po); break;
     default: epilogue_pack_avx512_k(dot, asum, pix, dst, cout, bits, cmp_t, flip, out, Po);
+    }
+}
+
+/* The rest of the 1-bit packing epilogue after the core's compares: a tile's masks [cpad], complemented
+ * per flip, transposed into the lanes' words (vptestmb) and stored. */
+TARGET_AVX512 static void epilogue_masks_avx512(const uint8_t *masks, const int *pix, const int *dst, int cout,
+                                                const uint8_t *flip, uint64_t *out, size_t Po) {
+    for (int wd = 0; wd < words_for(cout); wd++) {
+        const __m512i bytes = _mm512_xor_si512(_mm512_loadu_si512((const void *)(masks + 64 * wd)),
+                                               _mm512_loadu_si512((const void *)(flip + 64 * wd)));
+        uint64_t *plane = out + (size_t)wd * Po;
+        for (int t = 0; t < TILE; t++)
+            if (pix[t] >= 0) plane[dst[t]] = _mm512_test_epi8_mask(bytes, _mm512_set1_epi8((char)(1 << t)));
     }
 }
 

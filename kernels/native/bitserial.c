@@ -101,7 +101,7 @@ AI void run_core(int path, const uint64_t *tile, int nt, size_t tile_words, cons
                  int bits, int cout, int rw, int64_t *dot) {
 #ifdef APQ_X86
     if (path == PATH_AVX512) {
-        core_avx512(tile, nt, tile_words, w, bits, cout, rw, dot);
+        core_avx512(tile, nt, tile_words, w, bits, cout, rw, dot, NULL);
         return;
     }
 #endif
@@ -358,8 +358,9 @@ static int lanes_init(lanes *ln, int H, int W, int stride) {
 }
 
 /* 3x3 conv, pad 1, stride 1 or 2, on padded planes of an H x W image; ln: its lanes (lanes_init). tile:
- * STRIP*bits*rw*TILE words, dot: STRIP*cout*TILE int64, sums: 2 * plane_stride(H, W) int64 scratch (each
- * padded pixel's activation sum, then each window origin's). */
+ * STRIP*bits*rw*TILE words, dot: STRIP*cout*TILE int64 (at 1 bit on AVX-512, the packing compares' masks),
+ * sums: 2 * plane_stride(H, W) int64 scratch (each padded pixel's activation sum, then each window
+ * origin's). */
 AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, const uint64_t *w, const uint64_t *wn,
                 int cout, int rw, int stride, const lanes *ln, uint64_t *tile, int64_t *dot, int64_t *sums,
                 const epilogue *epi) {
@@ -387,6 +388,10 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
     /* A strip of up to STRIP tiles at a time: the AVX-512 core keeps 4 tiles x 4 channels of accumulators
      * in registers, so each weight word it loads serves 32 pixels. */
     const int strip = path == PATH_AVX512 ? STRIP : 1;
+    /* AVX-512 packing at 1 bit: the compares run on the core's accumulators (core_pack) */
+    const int fused = path == PATH_AVX512 && epi->mode == EPI_PACK && bits == 1 && cout % 4 == 0;
+    const int cpad = cwo * 64;
+    if (fused) memset(dot, 0, (size_t)STRIP * cpad); /* masks: the channels past cout stay zero */
     for (int s0 = 0; s0 < count; s0 += strip * TILE) {
         const int nt = (count - s0 + TILE - 1) / TILE < strip ? (count - s0 + TILE - 1) / TILE : strip;
         const int *g = ln->g + s0, *pix = ln->pix + s0, *dst = ln->dst + s0; /* the strip's lanes */
@@ -407,6 +412,16 @@ AI void conv3x3(int path, const uint64_t *in, int H, int W, int cin, int bits, c
 #endif
                     gather(in, P, cin, bits, rw, g + k * TILE, off, tk);
             }
+#ifdef APQ_X86
+        if (fused) { /* the packing compares run in the core; dot's buffer holds their masks */
+            const core_pack pk = {epi->cmp_t, asum, (uint8_t *)dot, cpad};
+            core_avx512(tile, nt, tile_words, w, bits, cout, rw, NULL, &pk);
+            for (int k = 0; k < nt; k++)
+                epilogue_masks_avx512(pk.masks + (size_t)k * cpad, pix + k * TILE, dst + k * TILE, cout, epi->flip,
+                                      epi->out_planes, Po);
+            continue;
+        }
+#endif
         run_core(path, tile, nt, tile_words, w, wn, bits, cout, rw, dot);
         for (int k = 0; k < nt; k++)
             epilogue_tile(path, dot + (size_t)k * cout * TILE, asum + k * TILE, pix + k * TILE, dst + k * TILE, cout,
