@@ -3,12 +3,6 @@
  * AVX2 code's twin at 8 lanes per zmm and tested equal to the portable C. The AVX2 code this target
  * includes runs the rest (the gather for other cin). */
 
-/* AVX-512: 8 pixels = one zmm, VPOPCNTQ per 64-bit lane. A register block of NT tiles x 4 output
- * channels: each activation load serves 4 channels and each weight broadcast NT tiles, and the 16
- * accumulators are set up and stored once per block, which at the short rows of narrow convs (5 words
- * for 32 channels) was a third of the one-tile core's time. The plane pairs are summed by Horner's rule
- * on their weight 2^s, s = (k-1-p) + (k-1-q) from high to low (acc = 2 acc + the pairs at s), so no
- * second set of accumulators is needed. */
 /* The packing epilogue at 1 bit, run on the accumulators of the core's block (cout % 4 == 0): with
  * I = 2 dot - asum, channel o's bit is [2 dot >= asum + cmp_t[o]], complemented where flip says
  * (epilogue_pack_avx512_k has the derivation). The bits go to masks [tile][cpad], one byte per channel,
@@ -19,6 +13,12 @@ typedef struct {
     int cpad;                    /* channels per row of masks: cout rounded up to 64 */
 } core_pack;
 
+/* AVX-512: 8 pixels = one zmm, VPOPCNTQ per 64-bit lane. A register block of NT tiles x 4 output
+ * channels: each activation load serves 4 channels and each weight broadcast NT tiles, and the 16
+ * accumulators are set up and stored once per block, which at the short rows of narrow convs (5 words
+ * for 32 channels) was a third of the one-tile core's time. The plane pairs are summed by Horner's rule
+ * on their weight 2^s, s = (k-1-p) + (k-1-q) from high to low (acc = 2 acc + the pairs at s), so no
+ * second set of accumulators is needed. */
 TARGET_AVX512 AI void core_avx512_nt(const uint64_t *tile, size_t tile_words, const uint64_t *w, int bits, int cout,
                                      int rw, int64_t *dot, const core_pack *pk, const int NT) {
     int o = 0;

@@ -594,7 +594,7 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
             C = b->cout;
         }
         head(x, H * W, C, &net->head_bn, net->head_in, net->head_out, net->fc_w, net->fc_b,
-                 jb->logits + (size_t)img * net->head_out);
+             jb->logits + (size_t)img * net->head_out);
     }
 done:
     free(x);

@@ -573,7 +573,7 @@ static int forward_range(const void *ctx, int b0, int b1) {
             C = b->cout;
         }
         head(x, H * W, C, &net->head_bn, net->head_in, net->head_out, net->fc_w, net->fc_b,
-                 jb->logits + (size_t)img * net->head_out);
+             jb->logits + (size_t)img * net->head_out);
     }
 done:
     free(x);
