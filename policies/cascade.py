@@ -5,6 +5,12 @@ The scheduler runs the batch at ``low_bits``; rows whose top softmax probability
 those. ``calibrate`` picks the threshold on the validation split: the smallest one (fewest re-runs) whose
 cascade accuracy reaches a target. Requests with a hint or bounds excluding the cascade's bits are served
 as `hint` would, at ``high_bits`` by default.
+
+The cascade is there to save energy, so with ``efficient_batches`` (the default) it waits for an
+efficient batch (``Planner.efficient_batch``: time per image within 1.15 x of the best batch's) while the
+head can still finish by its deadline after the wait, even if every row of the batch escalates: the
+1-bit kernels' cost per call is fixed in good part, and a batch of one costs about twice the time per
+image of a full one. Arrivals end the wait as soon as they fill the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 
 from policies.base import IDLE, Decision, QueuedRequest, Snapshot
 from policies.hint import HintPolicy
+from policies.planning import Planner
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,7 @@ class CascadePolicy:
     threshold: float
     low_bits: int = 1
     high_bits: int = 8
+    efficient_batches: bool = True
     name: str = "cascade"
 
     def decide(self, snapshot: Snapshot) -> Decision:
@@ -39,6 +47,9 @@ class CascadePolicy:
                     break
                 ids.append(req.id)
                 images += req.size
+            wait = self._wait_for_efficient_batch(snapshot, head, images)
+            if wait is not None:
+                return wait
             return Decision(
                 bits=self.low_bits,
                 requests=tuple(ids),
@@ -48,6 +59,22 @@ class CascadePolicy:
             )
         decision = HintPolicy().decide(dataclasses.replace(snapshot, default_bits=self.high_bits))
         return dataclasses.replace(decision, reason=f"cascade bypass ({decision.reason})")
+
+    def _wait_for_efficient_batch(self, snapshot: Snapshot, head: QueuedRequest, images: int) -> Decision | None:
+        """Wait until the head's latest start, or None to run now: the batch is efficient already, the
+        head has no deadline, or its latest start has come. The latest start leaves time for an efficient
+        batch at low bits and all of it again at high bits."""
+        if not self.efficient_batches or head.deadline is None:
+            return None
+        planner = Planner(snapshot)
+        target = planner.efficient_batch(self.low_bits)
+        if images >= target:
+            return None
+        run = planner.latency(self.low_bits, target) + planner.latency(self.high_bits, target)
+        latest = head.deadline - planner.margin_s - run
+        if snapshot.now >= latest:
+            return None
+        return Decision(bits=None, reason="cascade: waiting for an efficient batch", wait_until=latest)
 
     def _cascades(self, req: QueuedRequest) -> bool:
         return req.preferred_bits is None and req.allows(self.low_bits) and req.allows(self.high_bits)

@@ -62,6 +62,12 @@ class _Options:
             raise PolicyError(f"{self.policy}: {key} must be an integer >= {low}, got {value!r}")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.left.pop(key, default)
+        if not isinstance(value, bool):
+            raise PolicyError(f"{self.policy}: {key} must be true or false, got {value!r}")
+        return value
+
     def bits(self, key: str, default: int) -> int:
         value = self.left.pop(key, default)
         if isinstance(value, bool) or value not in ALL_BITS:
@@ -128,8 +134,9 @@ def _cascade(options: Mapping[str, Any]) -> Policy:
     high = opts.bits("high_bits", 8)
     if ALL_BITS.index(low) >= ALL_BITS.index(high):
         raise PolicyError(f"cascade: low_bits ({low}) must be below high_bits ({high})")
+    efficient = opts.boolean("efficient_batches", True)
     opts.done()
-    return CascadePolicy(threshold=threshold, low_bits=low, high_bits=high)
+    return CascadePolicy(threshold=threshold, low_bits=low, high_bits=high, efficient_batches=efficient)
 
 
 def _composite(options: Mapping[str, Any]) -> Policy:

@@ -400,12 +400,35 @@ def test_composite_caps_by_power_then_chooses_by_slack() -> None:
 def test_cascade_runs_low_and_escalates_auto_requests_only() -> None:
     queue = [req(0), req(1), req(2, preferred_bits=4)]
     s = snap(queue)
-    decision = checked(build("cascade").decide(s), s)
+    decision = checked(build("cascade", efficient_batches=False).decide(s), s)
     assert decision.bits == 1 and set(decision.requests) == {0, 1}
     assert decision.escalate_below == 0.7 and decision.escalate_to == 8
     hinted = snap([req(2, preferred_bits=4)])
     decision = checked(build("cascade").decide(hinted), hinted)
     assert decision.bits == 4 and decision.escalate_to is None
+
+
+def test_cascade_waits_for_an_efficient_batch_while_the_head_can_afford_it() -> None:
+    policy = build("cascade")
+    s = snap([req(0), req(1)])
+    planner = Planner(s)
+    target = planner.efficient_batch(1)
+    assert target > 2  # the stand-in profile: a batch of two costs more per image than an efficient one
+    waiting = checked(policy.decide(s), s)
+    latest = 0.050 - planner.latency(1, target) - planner.latency(8, target)
+    assert waiting.bits is None and waiting.wait_until == pytest.approx(latest)
+    # at the latest start it runs what is there
+    late = snap([req(0), req(1)], now=latest)
+    assert checked(policy.decide(late), late).bits == 1
+    # an efficient batch runs at once
+    full = snap([req(i) for i in range(target)])
+    assert set(checked(policy.decide(full), full).requests) == set(range(target))
+    # no deadline: nothing to wait for
+    free = snap([req(0, slo_ms=None)])
+    assert checked(policy.decide(free), free).bits == 1
+    # a deadline too close for even the smallest wait runs now
+    tight = snap([req(0, slo_ms=1.0)])
+    assert checked(policy.decide(tight), tight).bits == 1
 
 
 @pytest.mark.parametrize(
@@ -418,6 +441,7 @@ def test_cascade_runs_low_and_escalates_auto_requests_only() -> None:
         ("cascade", {"threshold": 1.5}, "threshold"),
         ("cascade", {"threshold": 0.5, "low_bits": 8, "high_bits": 2}, "must be below"),
         ("cascade", {"threshold": 0.5, "low_bits": 9}, "low_bits must be one of"),
+        ("cascade", {"threshold": 0.5, "efficient_batches": 1}, "efficient_batches must be true or false"),
         ("queue", {"levels": [[5, 8]]}, "depth 0"),
         ("queue", {"levels": [[0, 8], [0, 1]]}, "increase"),
         ("queue", {"levels": [[0, 8], [4, 1]], "hysteresis": 4}, "hysteresis"),
