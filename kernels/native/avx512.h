@@ -157,6 +157,15 @@ TARGET_AVX512 AI __m512i weight_offsets_avx512(const int64_t *asum, int bits) {
     return _mm512_mullo_epi64(_mm512_loadu_si512((const void *)asum), offset);
 }
 
+/* One plane word of 64 channels for each lane of a tile: masks [64] (byte o, bit t = lane t's bit of
+ * channel o) complemented per flip [64], transposed by vptestmb, stored at plane[dst[t]] for kept lanes. */
+TARGET_AVX512 AI void store_plane_words_avx512(const uint8_t *masks, const uint8_t *flip, const int *pix,
+                                               const int *dst, uint64_t *plane) {
+    const __m512i bytes = _mm512_xor_si512(_mm512_loadu_si512((const void *)masks), _mm512_loadu_si512((const void *)flip));
+    for (int t = 0; t < TILE; t++)
+        if (pix[t] >= 0) plane[dst[t]] = _mm512_test_epi8_mask(bytes, _mm512_set1_epi8((char)(1 << t)));
+}
+
 /* The packing epilogue, the 8 lanes of a tile in one zmm, sign folded into the thresholds. With
  * I = 2 dot - X, X = (N - 1) asum: for sign +1, I >= T_j <=> 2 dot >= X + T_j; for sign -1,
  * -I >= T_j <=> not (2 dot >= X + 1 - T_j), so the code is n minus the count of the ascending
@@ -181,13 +190,8 @@ TARGET_AVX512 AI void epilogue_pack_avx512_k(const int64_t *dot, const int64_t *
             }
             for (int q = 0; q < bits; q++) masks[q][o - o0] = p[q];
         }
-        const __m512i fl = _mm512_loadu_si512((const void *)(flip + o0));
-        for (int q = 0; q < bits; q++) {
-            const __m512i bytes = _mm512_xor_si512(_mm512_loadu_si512((const void *)masks[q]), fl);
-            uint64_t *plane = out + ((size_t)q * cwo + wd) * Po;
-            for (int t = 0; t < TILE; t++)
-                if (pix[t] >= 0) plane[dst[t]] = _mm512_test_epi8_mask(bytes, _mm512_set1_epi8((char)(1 << t)));
-        }
+        for (int q = 0; q < bits; q++)
+            store_plane_words_avx512(masks[q], flip + o0, pix, dst, out + ((size_t)q * cwo + wd) * Po);
     }
 }
 
@@ -201,17 +205,12 @@ TARGET_AVX512 static void epilogue_pack_avx512(const int64_t *dot, const int64_t
     }
 }
 
-/* The rest of the 1-bit packing epilogue after the core's compares: a tile's masks [cpad], complemented
- * per flip, transposed into the lanes' words (vptestmb) and stored. */
+/* The rest of the 1-bit packing epilogue after the core's compares: a tile's masks [cpad], a plane word
+ * per 64 channels. */
 TARGET_AVX512 static void epilogue_masks_avx512(const uint8_t *masks, const int *pix, const int *dst, int cout,
                                                 const uint8_t *flip, uint64_t *out, size_t Po) {
-    for (int wd = 0; wd < words_for(cout); wd++) {
-        const __m512i bytes = _mm512_xor_si512(_mm512_loadu_si512((const void *)(masks + 64 * wd)),
-                                               _mm512_loadu_si512((const void *)(flip + 64 * wd)));
-        uint64_t *plane = out + (size_t)wd * Po;
-        for (int t = 0; t < TILE; t++)
-            if (pix[t] >= 0) plane[dst[t]] = _mm512_test_epi8_mask(bytes, _mm512_set1_epi8((char)(1 << t)));
-    }
+    for (int wd = 0; wd < words_for(cout); wd++)
+        store_plane_words_avx512(masks + 64 * wd, flip + 64 * wd, pix, dst, out + (size_t)wd * Po);
 }
 
 /* epilogue_residual_avx2 for cout % 8 == 0: 8x8 blocks of dot ([o][t]) converted to double (vcvtqq2pd,
