@@ -16,6 +16,9 @@
    time of the same batches).
 2. The spike (issue 5's shape, shortened): 0.5x capacity, 3x for the middle half, back to 0.5x, Poisson
    arrivals, every request with slo_ms. The same arrivals are written as a trace for `apserve simulate`.
+   With --images N every request, in every step, carries N images (a [N, 1, 28, 28] tensor) and the
+   capacity is in requests of N images: the same images per second in N times fewer requests, for a
+   machine whose load generator or front end cannot send or parse the single-image peak.
 3. Each policy: a fresh `apserve serve` pinned to core 0 (one engine thread), Locust pinned to core 1.
    SLO attainment, served accuracy, p50/p99, refused, energy; then `apserve simulate` on the same trace,
    three times: at the machine speed the calibration (1.) measured just before (its engine CPU time over
@@ -86,7 +89,7 @@ def chosen_backend_rows(path: Path) -> None:
     path.write_text(json.dumps(profile, indent=1))
 
 
-def closed_loop(out: Path, policy: str, seconds: float, users: int, **kw: Any) -> dict[str, Any]:
+def closed_loop(out: Path, policy: str, seconds: float, users: int, images: int, **kw: Any) -> dict[str, Any]:
     opts = LoadtestOptions(
         shape="constant",
         policy=policy,
@@ -99,6 +102,7 @@ def closed_loop(out: Path, policy: str, seconds: float, users: int, **kw: Any) -
         load_cpus=LOAD_CPU,
         server_cpus=SERVER_CPU,
         plots=False,
+        batch=images,
         **kw,
     )
     return run(opts, progress=False)
@@ -157,16 +161,16 @@ class FrontEnd:
     batch_cost_s: float = 0.0  # the worker's CPU time outside Engine.run per batch
 
 
-def measure_front_end(work: Path, env: dict[str, str], seconds: float) -> FrontEnd:
+def measure_front_end(work: Path, env: dict[str, str], seconds: float, images: int) -> FrontEnd:
     """The front end at saturation (fixed-1, where the engine's share is smallest and the front end's
     matters most)."""
     server = Server("fixed-1", work / "request-cost-server.log", SERVER_CPU, env)
     try:
         server.wait_ready(120)
-        closed_loop(work / "request-cost-warmup", "fixed-1", 3.0, 32, url=server.url, scrape_interval_s=0)
+        closed_loop(work / "request-cost-warmup", "fixed-1", 3.0, 32, images, url=server.url, scrape_interval_s=0)
         before = server_totals(server.url)
         t0 = time.monotonic()
-        closed_loop(work / "request-cost", "fixed-1", seconds, 32, url=server.url, scrape_interval_s=0)
+        closed_loop(work / "request-cost", "fixed-1", seconds, 32, images, url=server.url, scrape_interval_s=0)
         wall = time.monotonic() - t0
         after = server_totals(server.url)
     finally:
@@ -225,7 +229,7 @@ def simulate(
     return dict(json.loads(done.stdout))
 
 
-def metrics_overhead(work: Path, env: dict[str, str], seconds: float, pairs: int = 3) -> dict[str, Any]:
+def metrics_overhead(work: Path, env: dict[str, str], seconds: float, images: int, pairs: int = 3) -> dict[str, Any]:
     """fixed-8 saturated without and with a 1 s /metrics scrape, alternated ``pairs`` times on one server;
     then the server's own CPU time per scrape, over 200 scrapes of the idle server after that load (its
     histograms filled): a direct measure that the VM's noise between throughput runs cannot blur."""
@@ -236,7 +240,7 @@ def metrics_overhead(work: Path, env: dict[str, str], seconds: float, pairs: int
         for i in range(pairs):
             for mode, interval in (("off", 0.0), ("on", 1.0)):
                 out = work / f"overhead-{mode}-{i}"
-                r = closed_loop(out, "fixed-8", seconds, 32, url=server.url, scrape_interval_s=interval)
+                r = closed_loop(out, "fixed-8", seconds, 32, images, url=server.url, scrape_interval_s=interval)
                 rates[mode].append(r["throughput_rps"])
         scrapes = 200
         before = cpu_seconds(server.proc.pid)
@@ -324,6 +328,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of spike load per policy")
     ap.add_argument("--slo-ms", type=float, default=50.0)
+    ap.add_argument(
+        "--images",
+        type=int,
+        default=1,
+        help="images per request (default 1): a client that batches its own images sends fewer, larger requests",
+    )
     ap.add_argument("--policies", default="fixed-8,fixed-1,slo,power")
     ap.add_argument("--capacity", type=float, default=None, help="fixed-8 capacity, requests/s (default: measure)")
     ap.add_argument("--request-cost-us", type=float, default=None, help="front-end cost per request (default: measure)")
@@ -364,14 +374,17 @@ def main() -> int:
     capacity = args.capacity
     if capacity is None:
         cap = closed_loop(
-            args.work / "capacity", "fixed-8", 10.0, users=32, server_env=no_deadline, scrape_interval_s=0
+            args.work / "capacity", "fixed-8", 10.0, 32, args.images, server_env=no_deadline, scrape_interval_s=0
         )
         capacity = cap["throughput_rps"]
-    print(f"fixed-8 capacity: {capacity:.1f} requests/s", file=sys.stderr)
+    print(
+        f"fixed-8 capacity: {capacity:.1f} requests/s of {args.images} image(s), {capacity * args.images:.0f} images/s",
+        file=sys.stderr,
+    )
     base, peak = 0.5 * capacity, 3 * capacity
     shape = build_shape("spike", duration_s=args.duration, base_rps=base, peak_rps=peak)
     trace = args.work / "spike.csv"
-    write_trace(trace, arrivals(shape, seed=args.seed), slo_ms=args.slo_ms)
+    write_trace(trace, arrivals(shape, seed=args.seed), slo_ms=args.slo_ms, images=args.images)
 
     rounds: list[Round] = []
     budget = args.power_budget
@@ -386,13 +399,14 @@ def main() -> int:
             print_table(one, file=sys.stderr)
     first = rounds[0]  # the top-level figures and the plots: the first round
 
-    overhead = metrics_overhead(args.work, no_deadline, args.overhead_s) if args.overhead_s > 0 else None
+    overhead = metrics_overhead(args.work, no_deadline, args.overhead_s, args.images) if args.overhead_s > 0 else None
 
     spike_window = shape.spike_window
     figures = plots(first.http, args.slo_ms, spike_window, args.docs / "img")
     summary = {
         "command": "python bench/experiment_spike.py " + " ".join(sys.argv[1:]),
         "capacity_rps": capacity,
+        "images_per_request": args.images,
         "base_rps": base,
         "peak_rps": peak,
         "duration_s": args.duration,
@@ -408,7 +422,7 @@ def main() -> int:
     (args.docs / "experiment_spike.json").write_text(json.dumps(summary, indent=1))
 
     print(
-        f"fixed-8 capacity {capacity:.0f} req/s; spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms"
+        f"fixed-8 capacity {capacity:.0f} req/s of {args.images} image(s); spike {base:.0f} -> {peak:.0f} -> {base:.0f} req/s; SLO {args.slo_ms:g} ms"
     )
     for i, one in enumerate(rounds, start=1):
         print()
@@ -466,7 +480,7 @@ def calibrate(args: argparse.Namespace, work: Path, env: dict[str, str]) -> Fron
     """The front end for the simulator and the margin for slo and power: measured (1.), or as given."""
     work.mkdir(parents=True, exist_ok=True)
     if args.request_cost_us is None:
-        front = measure_front_end(work, env, 10.0)
+        front = measure_front_end(work, env, 10.0, args.images)
     else:
         front = FrontEnd(args.request_cost_us / 1e6, SLO_DEFAULT_MARGIN_MS, 0.0, 0.0)
     front = replace(
@@ -536,6 +550,7 @@ def run_round(
             load_cpus=LOAD_CPU,
             server_env={**env, **({"APSERVE_POLICY_OPTIONS": json.dumps(options)} if options else {})},
             seed=args.seed,
+            batch=args.images,
         )
         print(f"{policy}: {args.duration:g} s spike", file=sys.stderr)
         steal_before = cpu_steal_s()

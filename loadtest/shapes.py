@@ -177,10 +177,13 @@ def arrivals(shape: Shape, seed: int = 0) -> list[float]:
             times.append(t)
 
 
-def write_trace(path: Path, times: list[float], slo_ms: float | None = None) -> None:
-    """A CSV trace (`arrival_s`, optional `slo_ms`) for `apserve simulate --trace` and the replay shape."""
+def write_trace(path: Path, times: list[float], slo_ms: float | None = None, images: int = 1) -> None:
+    """A CSV trace (`arrival_s`, optional `slo_ms`, and `images` when a request carries more than one) for
+    `apserve simulate --trace` and the replay shape."""
+    columns = [("arrival_s", None), ("slo_ms", slo_ms or None), ("images", images if images > 1 else None)]
+    kept = [(name, value) for name, value in columns if name == "arrival_s" or value is not None]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arrival_s", "slo_ms"] if slo_ms else ["arrival_s"])
+        w.writerow([name for name, _ in kept])
         for t in times:
-            w.writerow([f"{t:.6f}", slo_ms] if slo_ms else [f"{t:.6f}"])
+            w.writerow([f"{t:.6f}" if name == "arrival_s" else value for name, value in kept])

@@ -9,7 +9,7 @@ None waits until ``wait_until`` or the next arrival, a cascade decision re-runs 
 server answers 504). Everything random comes from one seeded generator: a seed gives one result.
 
 The front end (HTTP in and out) shares the engine's core when ``request_cost_s`` > 0: at an arrival rate
-of r per second (over the last second) it takes r * request_cost_s of the core, and a batch that needs L
+of r requests per second (over the last second, whatever their images) it takes r * request_cost_s of the core, and a batch that needs L
 seconds of engine time takes L / (1 - that share). ``batch_cost_s`` adds the scheduler's own work per
 batch (the server's worker joins, accounts for and follows each batch, ``apserve_worker_cpu_seconds_total``):
 at b batches per second, b * batch_cost_s more of the core. A policy that runs many small batches (``power``
@@ -143,14 +143,15 @@ class _Replica:
         self.wake_at: float | None = None
         self.hold: tuple[float, tuple[int, float, float, int]] | None = None  # (until, head's key): Decision.hold
         self.scale = LatencyScale()
-        self.rate = ArrivalRate()  # over the last second; a simulated request is one image
+        self.rate = ArrivalRate()  # images over the last second: what the policy plans with, as the server's
+        self.request_rate = ArrivalRate()  # requests over the last second: what the front end costs
         self.batch_rate = ArrivalRate()  # batches started over the last second
         self.gap = BatchGap()
         self.answer_delay = AnswerDelay()
 
     def slowdown(self, now: float, config: SimConfig) -> float:
         """Engine time -> wall time while the front end and the scheduler take their share of the core."""
-        share = self.rate.value(now) * config.request_cost_s + self.batch_rate.value(now) * config.batch_cost_s
+        share = self.request_rate.value(now) * config.request_cost_s + self.batch_rate.value(now) * config.batch_cost_s
         return 1.0 / (1.0 - min(0.9, share))
 
     def load(self) -> int:
@@ -259,8 +260,10 @@ def simulate(
         busy = model.busy_energy(latency, bits, images)
         escalate = np.zeros(len(batch), dtype=bool)
         if decision.escalate_below is not None and decision.escalate_to is not None and config.cascade:
+            # per request: a request of several images escalates whole (the server re-runs only its unsure
+            # rows; the expected number of images re-run is the same)
             escalate = rng.random(len(batch)) < config.cascade.escalated_fraction
-            k = int(escalate.sum())
+            k = sum(r.size for r, up in zip(batch, escalate, strict=True) if up)
             if k:
                 engine_s += latency.latency(decision.escalate_to, k)
                 busy += model.busy_energy(latency, decision.escalate_to, k)
@@ -302,10 +305,12 @@ def simulate(
                 deadline=a.time + slo,
                 preferred_bits=a.precision,
                 strict=a.strict,
+                size=a.images,
             )
             requests[payload] = req
             rep = min(replicas, key=lambda r: (r.load(), r.index))
             rep.rate.observe(now, req.size)
+            rep.request_rate.observe(now, 1)
             key = (req.priority, req.deadline if req.deadline is not None else float("inf"), req.arrival, req.id)
             held_until = rep.hold[0] if rep.hold is not None and now < rep.hold[0] and key > rep.hold[1] else None
             if held_until is not None and req.deadline is not None:

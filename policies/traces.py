@@ -5,7 +5,8 @@ Generated traces are scaled to ``capacity``, the images per second the server su
 
 CSV: a header row with ``arrival_s`` (seconds from the start, non-decreasing) and optionally ``slo_ms``
 (a per-request SLO; empty = the default), ``precision`` (1..8, 32, ``auto`` or empty) and
-``precision_policy`` (``strict`` or ``best_effort``, the default).
+``precision_policy`` (``strict`` or ``best_effort``, the default) and ``images`` (images in the request, 1
+when empty: a client that batches its own images sends one request of several).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Arrival:
     slo_ms: float | None = None  # None: the simulation's default SLO
     precision: int | None = None  # None: "auto"
     strict: bool = False
+    images: int = 1  # images in the request
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,19 @@ def _precision(text: str, where: str) -> int | None:
     return bits
 
 
+def _images(text: str, where: str) -> int:
+    text = text.strip()
+    if not text:
+        return 1
+    try:
+        images = int(text)
+    except ValueError:
+        images = 0
+    if images < 1:
+        raise TraceError(f"{where}: images must be a whole number >= 1, got {text!r}")
+    return images
+
+
 def read_csv(path: str | Path) -> Trace:
     path = Path(path)
     try:
@@ -139,7 +154,7 @@ def read_csv(path: str | Path) -> Trace:
         fields = [f.strip() for f in reader.fieldnames or []]
         if "arrival_s" not in fields:
             raise TraceError(f"{path}: header must name an 'arrival_s' column, got {fields or 'no header'}")
-        unknown = set(fields) - {"arrival_s", "slo_ms", "precision", "precision_policy"}
+        unknown = set(fields) - {"arrival_s", "slo_ms", "precision", "precision_policy", "images"}
         if unknown:
             raise TraceError(f"{path}: unknown columns {sorted(unknown)}")
         last = 0.0
@@ -169,7 +184,8 @@ def read_csv(path: str | Path) -> Trace:
             precision = _precision(row.get("precision", ""), where)
             if policy == "strict" and precision is None:
                 raise TraceError(f"{where}: a strict precision_policy needs a precision")
-            arrivals.append(Arrival(time, slo, precision, policy == "strict"))
+            images = _images(row.get("images", ""), where)
+            arrivals.append(Arrival(time, slo, precision, policy == "strict", images))
     if not arrivals:
         raise TraceError(f"{path}: no arrivals in the trace")
     return Trace(name=path.name, arrivals=tuple(arrivals), description=f"{len(arrivals)} arrivals from {path}")

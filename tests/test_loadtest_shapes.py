@@ -64,6 +64,11 @@ def test_trace_round_trip_and_replay_shape(tmp_path: Path) -> None:
     from policies.traces import read_csv
 
     assert [a.time for a in read_csv(path).arrivals] == read_trace(path)
+    sized = tmp_path / "sized.csv"
+    write_trace(sized, [0.1, 0.2], slo_ms=50, images=8)  # a client that sends 8 images per request
+    assert sized.read_text().startswith("arrival_s,slo_ms,images")
+    assert [(a.time, a.slo_ms, a.images) for a in read_csv(sized).arrivals] == [(0.1, 50.0, 8), (0.2, 50.0, 8)]
+    assert read_trace(sized) == [0.1, 0.2]
     bare = tmp_path / "bare.csv"
     bare.write_text("0.5\n0.25\n")  # no header: the first column, sorted
     assert read_trace(bare) == [0.25, 0.5]

@@ -78,6 +78,23 @@ def test_front_end_cost_slows_batches_and_the_policy_adapts() -> None:
     assert slo_costly.served_accuracy < slo_free.served_accuracy
 
 
+def test_requests_of_several_images_count_their_images_and_pay_the_front_end_once() -> None:
+    """The same images per second sent as requests of 8 images: the engine's work is the images' (fixed 8
+    bits still falls behind past its capacity), the front end's is the requests' (at a cost per request
+    that puts single-image requests behind, the 8-image requests keep their deadlines)."""
+
+    def grouped(trace: Trace) -> Trace:
+        return Trace(trace.name, tuple(Arrival(a.time, images=8) for a in trace.arrivals[::8]), "8 per request")
+
+    over = generate("poisson", CAPACITY, seed=6, duration=30.0 * SLOW, load=1.3)
+    assert run("fixed-8", grouped(over)).slo_attainment < 0.9
+    trace = generate("poisson", CAPACITY, seed=2, duration=30.0 * SLOW, load=0.9)
+    costly = dataclasses.replace(CONFIG, request_cost_s=0.2 / CAPACITY)
+    assert run("fixed-8", trace, costly).slo_attainment < 0.85
+    eights = run("fixed-8", grouped(trace), costly)
+    assert eights.slo_attainment >= 0.95 and eights.requests == len(trace.arrivals[::8])
+
+
 def test_the_scheduler_cost_is_charged_per_batch_not_per_request() -> None:
     """The worker's own CPU per batch (``batch_cost_s``) shares the engine's core: the same cost slows a
     server that runs one-request batches (max_batch_size 1) past its deadlines, and leaves one that batches
@@ -245,6 +262,9 @@ def test_csv_trace(tmp_path: Path) -> None:
     ]
     result = run("slo", trace)
     assert result.bits_served.get("4") == 1 and result.slo_attainment == 1.0
+    sized = tmp_path / "sized.csv"
+    sized.write_text("arrival_s,images\n0.0,4\n0.1,\n")
+    assert [a.images for a in read_csv(sized).arrivals] == [4, 1]
 
 
 @pytest.mark.parametrize(
@@ -261,6 +281,8 @@ def test_csv_trace(tmp_path: Path) -> None:
         ("arrival_s,precision_policy\n1,always\n", "precision_policy must be"),
         ("arrival_s,precision_policy\n1,strict\n", "strict precision_policy needs a precision"),
         ("arrival_s\n", "no arrivals"),
+        ("arrival_s,images\n1,0\n", "line 2: images must be a whole number >= 1, got '0'"),
+        ("arrival_s,images\n1,2.5\n", "line 2: images must be a whole number >= 1"),
     ],
 )
 def test_csv_trace_errors_name_the_line_and_field(tmp_path: Path, text: str, message: str) -> None:
