@@ -246,8 +246,10 @@ def validate(opts: LoadtestOptions) -> None:
         number_mix(opts.priority_mix, "priority")
     except ValueError as exc:
         raise LoadtestError(str(exc)) from None
-    if opts.user_rps < 0 or opts.users < 1 or opts.batch < 1:
-        raise LoadtestError("user rps must be >= 0, users >= 1 and batch >= 1")
+    if opts.user_rps < 0 or opts.users < 1:
+        raise LoadtestError(f"user rps must be >= 0 and users >= 1, got {opts.user_rps:g} and {opts.users}")
+    if opts.batch < 1:
+        raise LoadtestError(f"images per request must be >= 1, got {opts.batch}")
     if not 0 <= opts.slo_gate <= 1:
         raise LoadtestError(f"SLO gate is a fraction in [0, 1], got {opts.slo_gate}")
 

@@ -9,8 +9,8 @@ None waits until ``wait_until`` or the next arrival, a cascade decision re-runs 
 server answers 504). Everything random comes from one seeded generator: a seed gives one result.
 
 The front end (HTTP in and out) shares the engine's core when ``request_cost_s`` > 0: at an arrival rate
-of r requests per second (over the last second, whatever their images) it takes r * request_cost_s of the core, and a batch that needs L
-seconds of engine time takes L / (1 - that share). ``batch_cost_s`` adds the scheduler's own work per
+of r requests per second (over the last second; a request of several images counts once) it takes
+r * request_cost_s of the core, and a batch that needs L seconds of engine time takes L / (1 - that share). ``batch_cost_s`` adds the scheduler's own work per
 batch (the server's worker joins, accounts for and follows each batch, ``apserve_worker_cpu_seconds_total``):
 at b batches per second, b * batch_cost_s more of the core. A policy that runs many small batches (``power``
 under its budget) pays it per batch, not per request. The policy sees what batches really took through

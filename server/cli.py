@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-rps", type=float, default=None, help="peak offered load (default 3x --rps)")
     p.add_argument("--trace", type=Path, default=None, help="CSV of arrival times for --shape replay")
     p.add_argument("--user-rps", type=float, default=5.0, help="requests/s per Locust user (0: closed loop)")
+    p.add_argument("--images", type=int, default=1, help="images per request (the rates count requests)")
     p.add_argument("--precision-mix", default="auto", help='weighted hints, e.g. "auto:8,1:1,8:1"')
     p.add_argument("--slo-mix", default="50", help='weighted slo_ms, 0 = none, e.g. "50:3,200:1"')
     p.add_argument("--priority-mix", default="0", help='weighted priorities, 0 = default, e.g. "1:1,2:4"')
@@ -357,6 +358,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             peak_rps=args.peak_rps,
             trace=args.trace,
             user_rps=args.user_rps,
+            batch=args.images,
             precision_mix=args.precision_mix,
             slo_mix=args.slo_mix,
             priority_mix=args.priority_mix,

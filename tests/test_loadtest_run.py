@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -87,12 +88,28 @@ def test_slo_gate_fails_a_run_that_misses_its_slo(server_url: str, tmp_path: Pat
     assert report["locust_exit_code"] == 1 and report["policy"] is None and report["url"] == server_url
 
 
+def test_requests_can_carry_several_images(server_url: str, tmp_path: Path) -> None:
+    # a client that batches its own images: each request a [4, 1, 28, 28] tensor, answered as one
+    out = tmp_path / "images"
+    result = loadtest(
+        "--url", server_url, "--shape", "constant", "--duration", "2", "--rps", "5", "--images", "4",
+        "--precision-mix", "1", "--slo-mix", "5000", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["outcomes"]["ok"] >= 1 and report["outcomes"]["invalid"] == 0
+    with (out / "requests.csv").open() as f:
+        answered = [row for row in csv.DictReader(f) if row["status"] == "200"]
+    assert answered and all(int(row["batch_size"]) >= 4 for row in answered)
+
+
 def test_bad_settings_are_refused_before_anything_starts(tmp_path: Path) -> None:
     for args, message in [
         (["--shape", "replay"], "needs a trace"),
         (["--precision-mix", "9"], "not one of"),
         (["--slo-gate", "2"], "SLO gate"),
         (["--server-env", "PATH=/"], "APSERVE_NAME=VALUE"),
+        (["--images", "0"], "images per request must be >= 1, got 0"),
     ]:
         result = loadtest(*args, "--out", str(tmp_path / "x"), timeout=30)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
