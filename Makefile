@@ -27,7 +27,7 @@ serve: system-deps venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy model_store kernels policies server
+	$(BIN)/mypy model_store kernels policies server loadtest
 
 test: system-deps venv lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

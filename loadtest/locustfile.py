@@ -58,7 +58,7 @@ SPAWN_RATE = 10_000  # the whole pool appears at the start
 # (Spawning users at the spike's onset would also spike new connections and the load generator's own
 # CPU, a different experiment: it cost ~1 % of all requests at the onset, client- and server-side.)
 POOL = SHAPE.pool_size(USER_RPS) if SHAPE is not None and USER_RPS > 0 else 0
-USER_TOP_RPS = SHAPE.top_rate / POOL if POOL else USER_RPS
+USER_TOP_RPS = SHAPE.top_rate / POOL if SHAPE is not None and POOL else USER_RPS
 # After the shape's last arrival, the users stay (idle) this long before Locust stops them: stopping a
 # pool costs the load generator's CPU, which would otherwise delay reading the last replies.
 DRAIN_S = 2.0
