@@ -180,10 +180,9 @@ def arrivals(shape: Shape, seed: int = 0) -> list[float]:
 def write_trace(path: Path, times: list[float], slo_ms: float | None = None, images: int = 1) -> None:
     """A CSV trace (`arrival_s`, optional `slo_ms`, and `images` when a request carries more than one) for
     `apserve simulate --trace` and the replay shape."""
-    columns = [("arrival_s", None), ("slo_ms", slo_ms or None), ("images", images if images > 1 else None)]
-    kept = [(name, value) for name, value in columns if name == "arrival_s" or value is not None]
+    extra = {name: value for name, value in (("slo_ms", slo_ms), ("images", images if images > 1 else None)) if value}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([name for name, _ in kept])
+        w.writerow(["arrival_s", *extra])
         for t in times:
-            w.writerow([f"{t:.6f}" if name == "arrival_s" else value for name, value in kept])
+            w.writerow([f"{t:.6f}", *extra.values()])
