@@ -13,9 +13,9 @@ of r requests per second (over the last second; a request of several images coun
 r * request_cost_s of the core, and a batch that needs L seconds of engine time takes L / (1 - that share).
 ``batch_cost_s`` adds the scheduler's own work per batch (the server's worker joins, accounts for and
 follows each batch, ``apserve_worker_cpu_seconds_total``): at b batches per second, b * batch_cost_s more
-of the core. A policy that runs many small batches (``power``
-under its budget) pays it per batch, not per request. The policy sees what batches really took through
-``Snapshot.latency_scale``, exactly as the server's scheduler measures it.
+of the core. A policy that runs many small batches (``power`` under its budget) pays it per batch, not per
+request. The policy sees what batches really took through ``Snapshot.latency_scale``, exactly as the
+server's scheduler measures it.
 
 ``machine_speed`` replays how fast the machine itself ran (policies.machine_speed): a batch starting at t
 takes its profiled latency x ``machine_speed.at(t)`` before the front end's share. The energy charged stays
