@@ -22,13 +22,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     APSERVE_HOST=0.0.0.0 \
     APSERVE_PORT=8000
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin apserve
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin apserve \
+    && install -d -o 10001 -g 10001 /home/apserve/.cache/apserve
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/apserve-*.whl && rm -rf /wheels
 USER 10001:10001
 WORKDIR /home/apserve
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"]
 ENTRYPOINT ["apserve"]
 CMD ["serve"]

@@ -5,10 +5,15 @@ per-bits execution state (a native network description or an onnxruntime session
 first use and cached. The backend per bits comes from a profile (kernels.profiler) or the defaults:
 
 - 32: onnxruntime fp32 graph
-- 2..8 on a CPU with AVX-512 VNNI: the native integer kernels at width 8 (uint8 codes x int8 levels)
+- 1, and 2 on a CPU with AVX-512 VPOPCNTDQ: the native bit-serial kernels (AND + popcount on the top-k
+  bit-planes)
+- 3..8 on a CPU with AVX-512 VNNI (and 2 without VPOPCNTDQ): the native integer kernels at width 8
+  (uint8 codes x int8 levels)
 - otherwise 7, 8: the native integer kernels at width 16 (int16 codes x int16 weight levels -> int32,
   exact), 2..6: width 8 (AVX2: exact int16 partial sums)
-- 1: the native bit-serial kernels (AND + popcount on the top-k bit-planes)
+
+These are the full profiles' choices on both instruction sets (docs/PERFORMANCE.md). A backend naming a
+dispatch path this CPU lacks (a profile made on another machine) gets this CPU's default for its bits.
 
 Other backends a profile may pick: onnxruntime int8 (MatMulInteger on the codes) and fp32-codes graphs for
 any 1..8, the bit-serial kernels at any 1..8, width 8 at any 1..8 (1..7 on AVX2), width 16 at any 1..8,
@@ -47,7 +52,7 @@ Backends = Mapping[int, str] | Mapping[str, str]  # bits (or its string, as in a
 def default_backend(bits: int) -> str:
     if bits == FP32:
         return ORT_FP32
-    if bits == 1:
+    if bits == 1 or (bits == 2 and "avx512" in _native_paths()):
         return NATIVE_PREFIX
     if bits <= 6 or "avx512" in _integer_paths():
         return INT8_PREFIX
@@ -60,13 +65,17 @@ def _integer_paths() -> list[str]:
     return clib.available_paths()
 
 
-def backends_for(bits: int) -> list[str]:
-    """Every backend that can serve ``bits`` on this machine (native: each dispatch path the CPU runs)."""
+def _native_paths() -> list[str]:
     from kernels import bitserial
 
+    return bitserial.available_paths()
+
+
+def backends_for(bits: int) -> list[str]:
+    """Every backend that can serve ``bits`` on this machine (native: each dispatch path the CPU runs)."""
     if bits == FP32:
         return [ORT_FP32]
-    native = [f"{NATIVE_PREFIX}-{p}" for p in bitserial.available_paths()]
+    native = [f"{NATIVE_PREFIX}-{p}" for p in _native_paths()]
     wide = [f"{prefix}-{p}" for prefix in _integer_prefixes(bits) for p in _integer_paths() if _serves(prefix, p, bits)]
     return ([ORT_INT8] if bits >= 3 else []) + [ORT_FP32_CODES] + wide + native
 
@@ -180,18 +189,20 @@ def build_runner(artifact: Artifact, bits: int, backend: str, threads: int) -> t
         from kernels import integer
 
         path = backend[len(prefix) + 1 :] or "auto"
-        if path not in _integer_paths():
-            path = _integer_paths()[0]  # auto, or a profile from another CPU: the best path here
+        if path != "auto" and path not in _integer_paths():
+            return build_runner(artifact, bits, default_backend(bits), threads)
+        if path == "auto":
+            path = _integer_paths()[0]
         if not _serves(prefix, path, bits):
-            prefix = INT16_PREFIX  # e.g. int8 at 8 bits from an AVX-512 profile on an AVX2 CPU
+            prefix = INT16_PREFIX  # width 8 at 8 bits where only VNNI makes it exact
         wide = integer.IntegerNet(artifact, bits, INTEGER_WIDTH[prefix], path)
         return f"{prefix}-{wide.path}", lambda x: wide.run(_float64_nhwc(x), threads)
     if backend.startswith(NATIVE_PREFIX):
         from kernels import bitserial
 
         path = backend[len(NATIVE_PREFIX) + 1 :] or "auto"
-        if path != "auto" and path not in bitserial.available_paths():
-            path = "auto"  # a profile from another CPU: take the best path this one has
+        if path != "auto" and path not in _native_paths():
+            return build_runner(artifact, bits, default_backend(bits), threads)
         net = bitserial.BitSerialNet(artifact, bits, path)
         return f"{NATIVE_PREFIX}-{net.path}", lambda x: net.run(_float64_nhwc(x), threads)
     if backend == ORT_FP32:

@@ -1,8 +1,9 @@
 """`apserve profile`: latency per (bits, batch, backend) on this machine, each backend checked against
 the reference engine, the fastest correct backend per bits, and the Pareto set of bits.
 
-The profile file (format in docs/INTERNALS.md) is what the server and the simulator load at start;
-``load_or_profile`` re-profiles when the hardware fingerprint (or the model) differs from the file's.
+The profile file (format in docs/INTERNALS.md) is what the server and the simulator load at start.
+``for_this_machine`` is the server's start: the saved profile when it was made on this hardware for this
+model, else a quick profile of this machine (made once, then kept in a cache directory).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ NATIVE_MAX_BITS = 2
 INT8_MAX_BITS = 6
 INT16_MIN_BITS = 5
 LOGIT_TOLERANCE = 1e-3  # relative to the largest reference logit
+# The quick profile a server makes at start on new hardware: the default backend per bits (the choice the
+# full profiles of both instruction sets made), checked on 64 images, each (bits, batch) timed for 3 calls
+# and 100 ms: about 20 s on one core. The full profile (every candidate, 1,000 images, 300 ms) takes
+# minutes: `apserve profile`.
+QUICK_CHECK_IMAGES = 64
+QUICK_MIN_MS = 100.0
 
 
 def fingerprint(threads: int) -> dict[str, Any]:
@@ -161,8 +168,10 @@ def profile(
     check_images: int = CHECK_IMAGES,
     progress: bool = True,
     defaults_only: bool = False,
+    min_ms: float = 300.0,
 ) -> dict[str, Any]:
-    """``defaults_only``: time only the engine's default backend per bits (a quick profile)."""
+    """``defaults_only``: time only the engine's default backend per bits; ``min_ms``: wall time each
+    (bits, batch, backend) is timed for, at least 3 calls."""
     bits_list = list(bits_list or artifact.bits)
     test = fashion_mnist.load("test")
     images, labels = test.images[:check_images][:, None], test.labels[:check_images]
@@ -189,7 +198,7 @@ def profile(
     rows: list[dict[str, Any]] = []
     for batch in batches:
         x = timing_images[:batch]
-        timed = time_interleaved({key: functools.partial(run, x) for key, run in runners.items()})
+        timed = time_interleaved({key: functools.partial(run, x) for key, run in runners.items()}, min_ms=min_ms)
         for (bits, name), (walls, cpus) in timed.items():
             rows.append(
                 {
@@ -229,6 +238,7 @@ def profile(
         "fingerprint": fingerprint(threads),
         "model_sha256": model_sha256(artifact),
         "threads": threads,
+        "mode": "quick" if defaults_only else "full",
         "rows": rows,
         "backends": chosen,
         "accuracy": {str(b): accuracy[b] for b in bits_list if b in accuracy},
@@ -269,22 +279,36 @@ def matches(profile_: dict[str, Any], artifact: Artifact, threads: int) -> bool:
     )
 
 
-def load_or_profile(
-    artifact: Artifact, path: str | Path | None = None, threads: int = 1, **options: Any
-) -> dict[str, Any]:
-    """The saved profile when it matches this machine and model; otherwise profile now and save it
-    (a path that cannot be written is only logged: the fresh profile is still returned)."""
-    path = Path(path) if path else default_path(artifact)
+def cache_path(artifact: Artifact, threads: int, cache_dir: str | Path) -> Path:
+    """Where this machine's profile of this model is kept: one file per (hardware, threads, model)."""
+    key = json.dumps([fingerprint(threads), model_sha256(artifact)], sort_keys=True)
+    return Path(cache_dir) / f"{artifact.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.profile.json"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apserve"
+
+
+def for_this_machine(
+    artifact: Artifact, path: str | Path, threads: int = 1, cache_dir: str | Path | None = None
+) -> tuple[dict[str, Any], Path]:
+    """(profile, its file): the one at ``path`` when it was made on this hardware for this model; else the
+    one cached for this machine; else a quick profile made now and cached (a cache that cannot be written
+    is only logged: the fresh profile is still returned). ``path`` itself is never overwritten."""
+    path = Path(path)
+    for candidate in (path, cache_path(artifact, threads, cache_dir or default_cache_dir())):
+        try:
+            saved = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict) and matches(saved, artifact, threads):
+            return saved, candidate
+    _log(f"profile: {path} was not made on this hardware for this model: a quick profile now (about a minute)")
+    fresh = profile(artifact, threads=threads, check_images=QUICK_CHECK_IMAGES, defaults_only=True, min_ms=QUICK_MIN_MS)
     try:
-        saved = json.loads(path.read_text())
-        if matches(saved, artifact, threads):
-            return saved
-        _log(f"profile: {path} was made on other hardware, threads or model: profiling again")
-    except (OSError, json.JSONDecodeError):
-        _log(f"profile: no usable profile at {path}: profiling")
-    fresh = profile(artifact, threads=threads, **options)
-    try:
-        save(fresh, path)
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+        save(fresh, candidate)
+        _log(f"profile: kept in {candidate}; `apserve profile` makes the full one")
     except OSError as exc:
-        _log(f"profile: could not write {path} ({exc})")
-    return fresh
+        _log(f"profile: could not write {candidate} ({exc}); the next start profiles again")
+    return fresh, candidate

@@ -16,6 +16,10 @@ import numpy as np
 from model_store.artifact import Artifact, unpack_codes
 
 FP32 = 32
+# Images per pass: a 1,000-image pass allocates gigabytes of im2col temporaries (half its time went to the
+# kernel mapping them); 16 keep them in cache and malloc's arena, 2x faster. An image's arithmetic does
+# not depend on its batch mates, so the logits are the same bit for bit.
+CHUNK = 16
 
 
 def to_input(batch: np.ndarray, dtype: type = np.float32) -> np.ndarray:
@@ -78,8 +82,13 @@ class ReferenceEngine:
     def run(self, batch: np.ndarray, bits: int) -> np.ndarray:
         if bits not in self.artifact.bits:
             raise ValueError(f"bits {bits} not servable; choose one of {self.artifact.bits}")
-        art = self.artifact
         x = to_input(batch, self.dtype)
+        if len(x) <= CHUNK:
+            return self._run(x, bits)
+        return np.concatenate([self._run(x[i : i + CHUNK], bits) for i in range(0, len(x), CHUNK)])
+
+    def _run(self, x: np.ndarray, bits: int) -> np.ndarray:
+        art = self.artifact
         for layer in art.architecture:
             name = layer["name"]
             if layer["type"] == "stem":

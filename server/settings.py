@@ -47,7 +47,12 @@ class Settings(BaseSettings):
     power_window_s: float = Field(1.0, gt=0.0, description="rolling window of the power budget")
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/policy; unset: admin API off")
     profile_path: Path | None = Field(None, description="latency profile JSON (default: beside the model)")
-    profile_on_start: bool = Field(False, description="profile the engine at start when no matching profile exists")
+    profile_on_start: bool = Field(
+        True, description="at start, a quick profile of this machine when the profile was made on other hardware"
+    )
+    profile_cache_dir: Path | None = Field(
+        None, description="where quick profiles are kept, one per machine and model (default: ~/.cache/apserve)"
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     shutdown_grace_s: float = Field(0.0, ge=0.0, le=300.0, description="readiness false this long before draining")
     log_level: str = Field("info", pattern=r"^(critical|error|warning|info|debug|trace)$")

@@ -43,6 +43,13 @@ def test_default_backends_agree_with_reference(bundled, reference, images, bits)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, float(np.abs(want).max())))
 
 
+@pytest.mark.parametrize("bits", [1, 32])
+def test_reference_logits_do_not_depend_on_batch_mates(bundled, reference, images, bits):
+    """The oracle runs a large batch in chunks; every image's logits equal its own run's, bit for bit."""
+    one_by_one = np.concatenate([ReferenceEngine(bundled).run(images[i : i + 1], bits) for i in range(len(images))])
+    np.testing.assert_array_equal(reference(bits), one_by_one)
+
+
 @pytest.mark.parametrize(
     ("bits", "backend"),
     [
@@ -77,14 +84,20 @@ def test_backend_names(bundled):
     )
     assert eng.backend(4).startswith("int8-") and eng.backend(4) != "int8-"
     assert eng.backend(1).startswith("native-") and eng.backend(1) != "native-"
+    popcount512 = "avx512" in engine_mod._native_paths()  # 2 bits bit-serial only with VPOPCNTDQ
+    assert eng.backend(2) == "native-avx512" if popcount512 else eng.backend(2).startswith("int8-")
     assert eng.bits == bundled.bits
 
 
-def test_a_profile_from_another_cpu_falls_back_to_what_this_one_runs(bundled, monkeypatch):
-    """An AVX-512 machine's profile on an AVX2-only CPU: int8 at 8 bits needs VNNI, so width 16 serves it."""
+def test_a_profile_from_another_cpu_gets_this_cpus_defaults(bundled, monkeypatch):
+    """An AVX-512 machine's profile on an AVX2-only CPU: int8 at 8 bits needs VNNI, so width 16 serves
+    it; 2 bits bit-serial without VPOPCNTDQ is slower than int8 (docs/PERFORMANCE.md), so int8 serves it."""
     monkeypatch.setattr(engine_mod, "_integer_paths", lambda: ["avx2", "scalar"])
-    eng = Engine(bundled, backends={8: "int8-avx512", 4: "int8-avx512"})
-    assert (eng.backend(8), eng.backend(4)) == ("int16-avx2", "int8-avx2")
+    monkeypatch.setattr(engine_mod, "_native_paths", lambda: ["avx2", "scalar"])
+    foreign = {8: "int8-avx512", 4: "int8-avx512", 2: "native-avx512", 1: "native-avx512"}
+    eng = Engine(bundled, backends=foreign)
+    assert (eng.backend(8), eng.backend(4), eng.backend(2)) == ("int16-avx2", "int8-avx2", "int8-avx2")
+    assert eng.backend(1).startswith("native-")
 
 
 def test_uint8_and_float_inputs_agree(bundled, images):

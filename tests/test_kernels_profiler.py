@@ -39,16 +39,23 @@ def test_profile_format(small_profile, bundled):
     assert set(p["pareto"]) <= {1, 32} and p["pareto"]
 
 
-def test_load_or_profile_reuses_a_matching_file_and_redoes_a_foreign_one(small_profile, bundled, tmp_path, monkeypatch):
-    path = profiler.save(small_profile, tmp_path / "p.json")
+def test_for_this_machine_reuses_a_matching_file_and_caches_a_quick_profile_for_a_foreign_one(
+    small_profile, bundled, tmp_path, monkeypatch
+):
+    path, cache = profiler.save(small_profile, tmp_path / "p.json"), tmp_path / "cache"
     monkeypatch.setattr(profiler, "profile", lambda *a, **k: pytest.fail("re-profiled a matching profile"))
-    assert profiler.load_or_profile(bundled, path, threads=1) == small_profile
+    assert profiler.for_this_machine(bundled, path, 1, cache) == (small_profile, path)
 
     foreign = dict(small_profile, fingerprint={**small_profile["fingerprint"], "cpu": "another CPU"})
     profiler.save(foreign, path)
-    monkeypatch.setattr(profiler, "profile", lambda *a, **k: dict(small_profile, created="fresh"))
-    assert profiler.load_or_profile(bundled, path, threads=1)["created"] == "fresh"
-    assert json.loads(path.read_text())["created"] == "fresh"
+    asked = []
+    monkeypatch.setattr(profiler, "profile", lambda *a, **k: asked.append(k) or dict(small_profile, created="fresh"))
+    fresh, where = profiler.for_this_machine(bundled, path, 1, cache)
+    assert fresh["created"] == "fresh" and asked[0]["defaults_only"] and asked[0]["check_images"] < 1000
+    assert where == profiler.cache_path(bundled, 1, cache) and json.loads(where.read_text())["created"] == "fresh"
+    assert json.loads(path.read_text()) == foreign  # the given file is left alone
+    assert profiler.for_this_machine(bundled, path, 1, cache) == (fresh, where) and len(asked) == 1
+    assert profiler.cache_path(bundled, 2, cache) != where  # another thread count is another profile
 
 
 def test_cli_refuses_bad_batches(capsys):

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from PIL import Image
 
 from kernels.engine import default_backend
 from model_store.artifact import BITS
+from model_store.artifact import load as artifact_load
 from server.app import build_runtime, create_app
 from server.settings import Settings, SettingsError, load_settings
 
@@ -248,6 +250,37 @@ def test_the_engine_runs_the_backend_the_profile_measured() -> None:
     # without a choice in the profile: the engine's defaults
     default = build_runtime(_settings(), profile_data={"rows": rows}).backend(8)
     assert default.startswith(default_backend(8) + "-")  # int8 with AVX-512 VNNI, int16 without
+
+
+def test_a_profile_from_other_hardware_is_replaced_by_a_quick_one_made_here_once(tmp_path, monkeypatch) -> None:
+    """The bundled profile re-stamped as another CPU's: the start profiles this machine (the real quick
+    profile, made smaller), keeps it in the cache and reads it back at the next start; the file given is
+    never overwritten. With profile_on_start off the foreign file is used as it is."""
+    from kernels import profiler
+
+    foreign = json.loads(profiler.default_path(artifact_load()).read_text())
+    foreign["fingerprint"] = {**foreign["fingerprint"], "cpu": "a CPU this is not"}
+    given = tmp_path / "foreign.profile.json"
+    given.write_text(json.dumps(foreign))
+    monkeypatch.setattr(profiler, "QUICK_CHECK_IMAGES", 8)
+    monkeypatch.setattr(profiler, "QUICK_MIN_MS", 1.0)
+    cache = tmp_path / "cache"
+    settings = _settings(profile_path=given, profile_cache_dir=cache)
+
+    first = build_runtime(settings)
+    assert Path(first.profile_source).parent == cache
+    made = json.loads(Path(first.profile_source).read_text())
+    assert made["mode"] == "quick"
+    assert made["fingerprint"] == profiler.fingerprint(1) and made["model_sha256"] == foreign["model_sha256"]
+    assert all(check["correct"] for check in made["checks"])
+    assert {bits: first.backend(bits) for bits in (1, 2, 8, 32)} == {
+        bits: made["backends"][str(bits)] for bits in (1, 2, 8, 32)
+    }
+    assert json.loads(given.read_text()) == foreign
+
+    monkeypatch.setattr(profiler, "profile", lambda *a, **k: pytest.fail("profiled again"))
+    assert build_runtime(settings).profile_source == first.profile_source
+    assert build_runtime(_settings(profile_path=given, profile_on_start=False)).profile_source == str(given)
 
 
 @pytest.mark.parametrize(
