@@ -303,7 +303,7 @@ def for_this_machine(
             continue
         if isinstance(saved, dict) and matches(saved, artifact, threads):
             return saved, candidate
-    _log(f"profile: {path} was not made on this hardware for this model: a quick profile now (about a minute)")
+    _log(f"profile: {path} was made on other hardware, threads or model: a quick profile now (about 20 s)")
     fresh = profile(artifact, threads=threads, check_images=QUICK_CHECK_IMAGES, defaults_only=True, min_ms=QUICK_MIN_MS)
     try:
         candidate.parent.mkdir(parents=True, exist_ok=True)
