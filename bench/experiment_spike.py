@@ -54,8 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_server import cpu_seconds  # noqa: E402
+from kernels import profiler  # noqa: E402
 from loadtest.runner import LoadtestOptions, Server, get, run  # noqa: E402
 from loadtest.shapes import arrivals, build_shape, write_trace  # noqa: E402
+from model_store import artifact  # noqa: E402
 from policies.machine_speed import MachineSpeed, write_csv  # noqa: E402
 from policies.slo import SloPolicy  # noqa: E402
 
@@ -346,7 +348,12 @@ def main() -> int:
         "--power-budget", type=float, default=None, help="watts (default: idle + 60 %% of fixed-8's draw above idle)"
     )
     ap.add_argument("--overhead-s", type=float, default=10.0, help="seconds per /metrics overhead run (0: skip)")
-    ap.add_argument("--profile", type=Path, default=None, help="profile JSON for server and simulator")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile JSON for server and simulator (default: this machine's, as a server finds it)",
+    )
     ap.add_argument("--make-profile", action="store_true", help="profile 1 thread on the server core first")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "experiment_spike")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
@@ -367,6 +374,9 @@ def main() -> int:
         profile = args.work / "profile-1thread.json"
         print(f"profiling into {profile}", file=sys.stderr)
         make_profile(profile)
+    if profile is None:  # the one a server plans with on this machine: the simulator must predict with it too
+        model = artifact.load()
+        profile = profiler.for_this_machine(model, profiler.default_path(model), threads=1)[1]
     env = server_env(args.slo_ms, profile)
     # capacity and overhead runs send no deadline, and the server gets no default one
     no_deadline = {k: v for k, v in env.items() if k != "APSERVE_SLO_MS"}
