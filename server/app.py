@@ -68,29 +68,29 @@ def _version() -> str:
 def _profile_dict(artifact: artifact_store.Artifact, settings: Settings) -> tuple[dict[str, Any], str]:
     """The profile document of docs/INTERNALS.md and where it came from: the saved file when it was made
     on this hardware for this model; else, with ``profile_on_start``, this machine's quick profile
-    (kernels.profiler.for_this_machine: cached, or made now in about a minute); else the saved file with a
+    (kernels.profiler.for_this_machine: cached, or made now in about 20 s); else the saved file with a
     warning (its accuracy only if it was made for this very model); with no file, policies.profile's
     stand-in latencies."""
     from kernels import profiler
 
-    path = settings.resolved_profile_path
-    if not path.is_file() and not settings.profile_on_start:
-        log.warning("no profile at %s: stand-in latencies until `apserve profile` writes one", path)
-        standin = standin_document(settings.engine_threads)
-        standin.pop("accuracy", None)  # accuracy comes from the artifact or is unknown, never invented
-        return standin, f"stand-in figures (no profile at {path}; run `apserve profile`)"
+    path, threads = settings.resolved_profile_path, settings.engine_threads
+    doc = None
     if path.is_file():
         try:
             doc = dict(json.loads(path.read_text()))
         except (OSError, ValueError) as exc:
             raise SettingsError(f"invalid setting profile_path: {path} is not a readable profile ({exc})") from None
-        if profiler.matches(doc, artifact, settings.engine_threads):
+        if profiler.matches(doc, artifact, threads):
             return doc, str(path)
     if settings.profile_on_start:
-        found, source = profiler.for_this_machine(
-            artifact, path, settings.engine_threads, settings.profile_cache_dir or profiler.default_cache_dir()
-        )
+        cache = settings.profile_cache_dir or profiler.default_cache_dir()
+        found, source = profiler.for_this_machine(artifact, path, threads, cache)
         return dict(found), str(source)
+    if doc is None:
+        log.warning("no profile at %s: stand-in latencies until `apserve profile` writes one", path)
+        standin = standin_document(threads)
+        standin.pop("accuracy", None)  # accuracy comes from the artifact or is unknown, never invented
+        return standin, f"stand-in figures (no profile at {path}; run `apserve profile`)"
     log.warning("profile %s was made on other hardware, threads or model; run `apserve profile`", path)
     if doc.get("model_sha256") != profiler.model_sha256(artifact):  # another model's accuracy: not ours
         doc.pop("accuracy", None)
