@@ -189,10 +189,10 @@ def build_runner(artifact: Artifact, bits: int, backend: str, threads: int) -> t
         from kernels import integer
 
         path = backend[len(prefix) + 1 :] or "auto"
-        if path != "auto" and path not in _integer_paths():
-            return build_runner(artifact, bits, default_backend(bits), threads)
         if path == "auto":
             path = _integer_paths()[0]
+        elif path not in _integer_paths():
+            return build_runner(artifact, bits, default_backend(bits), threads)
         if not _serves(prefix, path, bits):
             prefix = INT16_PREFIX  # width 8 at 8 bits where only VNNI makes it exact
         wide = integer.IntegerNet(artifact, bits, INTEGER_WIDTH[prefix], path)

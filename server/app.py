@@ -83,8 +83,7 @@ def _profile_dict(artifact: artifact_store.Artifact, settings: Settings) -> tupl
         if profiler.matches(doc, artifact, threads):
             return doc, str(path)
     if settings.profile_on_start:
-        cache = settings.profile_cache_dir or profiler.default_cache_dir()
-        found, source = profiler.for_this_machine(artifact, path, threads, cache)
+        found, source = profiler.for_this_machine(artifact, path, threads, settings.profile_cache_dir)
         return dict(found), str(source)
     if doc is None:
         log.warning("no profile at %s: stand-in latencies until `apserve profile` writes one", path)
