@@ -8,9 +8,10 @@ as `hint` would, at ``high_bits`` by default.
 
 The cascade is there to save energy, so with ``efficient_batches`` (the default) it waits for an
 efficient batch (``Planner.efficient_batch``: time per image within 1.15 x of the best batch's) while the
-head can still finish by its deadline after the wait, even if every row of the batch escalates: the
-1-bit kernels' cost per call is fixed in good part, and a batch of one costs about twice the time per
-image of a full one. Arrivals end the wait as soon as they fill the batch.
+head can still finish by its deadline less ``margin_ms`` after the wait, even if every row of the batch
+escalates: the 1-bit kernels' cost per call is fixed in good part, and a batch of one costs about twice the
+time per image of a full one. Arrivals end the wait as soon as they fill the batch. ``margin_ms`` is the
+same as slo's: a wait planned to the last millisecond loses its request to the event loop's jitter.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CascadePolicy:
     low_bits: int = 1
     high_bits: int = 8
     efficient_batches: bool = True
+    margin_ms: float = 2.0  # held back from the head's deadline when waiting, as slo's
     name: str = "cascade"
 
     def decide(self, snapshot: Snapshot) -> Decision:
@@ -63,10 +65,10 @@ class CascadePolicy:
     def _wait_for_efficient_batch(self, snapshot: Snapshot, head: QueuedRequest, images: int) -> Decision | None:
         """Wait until the head's latest start, or None to run now: the batch is efficient already, the
         head has no deadline, or its latest start has come. The latest start leaves time for an efficient
-        batch at low bits and all of it again at high bits."""
+        batch at low bits and all of it again at high bits, and the margin."""
         if not self.efficient_batches or head.deadline is None:
             return None
-        planner = Planner(snapshot)
+        planner = Planner(snapshot, self.margin_ms / 1000.0)
         target = planner.efficient_batch(self.low_bits)
         if images >= target:
             return None

@@ -135,8 +135,11 @@ def _cascade(options: Mapping[str, Any]) -> Policy:
     if ALL_BITS.index(low) >= ALL_BITS.index(high):
         raise PolicyError(f"cascade: low_bits ({low}) must be below high_bits ({high})")
     efficient = opts.boolean("efficient_batches", True)
+    margin = opts.number("margin_ms", CascadePolicy.margin_ms, 0.0, 1000.0) or 0.0
     opts.done()
-    return CascadePolicy(threshold=threshold, low_bits=low, high_bits=high, efficient_batches=efficient)
+    return CascadePolicy(
+        threshold=threshold, low_bits=low, high_bits=high, efficient_batches=efficient, margin_ms=margin
+    )
 
 
 def _composite(options: Mapping[str, Any]) -> Policy:

@@ -415,8 +415,10 @@ def test_cascade_waits_for_an_efficient_batch_while_the_head_can_afford_it() -> 
     target = planner.efficient_batch(1)
     assert target > 2  # the stand-in profile: a batch of two costs more per image than an efficient one
     waiting = checked(policy.decide(s), s)
-    latest = 0.050 - planner.latency(1, target) - planner.latency(8, target)
+    latest = 0.050 - 0.002 - planner.latency(1, target) - planner.latency(8, target)  # 2 ms margin by default
     assert waiting.bits is None and waiting.wait_until == pytest.approx(latest)
+    no_margin = checked(build("cascade", margin_ms=0).decide(s), s)
+    assert no_margin.wait_until == pytest.approx(latest + 0.002)
     # at the latest start it runs what is there
     late = snap([req(0), req(1)], now=latest)
     assert checked(policy.decide(late), late).bits == 1
@@ -442,6 +444,7 @@ def test_cascade_waits_for_an_efficient_batch_while_the_head_can_afford_it() -> 
         ("cascade", {"threshold": 0.5, "low_bits": 8, "high_bits": 2}, "must be below"),
         ("cascade", {"threshold": 0.5, "low_bits": 9}, "low_bits must be one of"),
         ("cascade", {"threshold": 0.5, "efficient_batches": 1}, "efficient_batches must be true or false"),
+        ("cascade", {"threshold": 0.5, "margin_ms": -1}, "margin_ms"),
         ("queue", {"levels": [[5, 8]]}, "depth 0"),
         ("queue", {"levels": [[0, 8], [0, 1]]}, "increase"),
         ("queue", {"levels": [[0, 8], [4, 1]], "hysteresis": 4}, "hysteresis"),
