@@ -16,7 +16,7 @@ from kernels import clib
 from kernels.clib import NativeError, available_paths, best_path
 from model_store.artifact import Artifact
 
-__all__ = ["BitSerialNet", "NativeError", "available_paths", "best_path", "conv_codes"]
+__all__ = ["BitSerialNet", "NativeError", "available_paths", "best_path", "conv_codes", "stem"]
 
 _P = clib.P
 
@@ -37,7 +37,6 @@ class _Block(ctypes.Structure):
         ("xsign", _P(ctypes.c_int32)),
         ("xneg", _P(ctypes.c_double)),
         ("ithr", _P(ctypes.c_int64)),
-        ("ithr_t", _P(ctypes.c_int64)),
         ("isign", _P(ctypes.c_int32)),
         ("icmp_t", _P(ctypes.c_int64)),
         ("iflip", _P(ctypes.c_uint8)),
@@ -64,6 +63,10 @@ def _library() -> ctypes.CDLL:
     lib.apq_conv_codes.restype = ctypes.c_int
     lib.apq_split_nibbles.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.apq_split_nibbles.restype = None
+    lib.apq_stem.argtypes = (
+        [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    )
+    lib.apq_stem.restype = None
     return lib
 
 
@@ -83,7 +86,7 @@ def _nibbles(words: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _signed_thresholds(thr: np.ndarray, sign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The AVX-512 packing epilogue's thresholds, sign folded in (see epilogue_pack_avx512_k): for a
+    """The SIMD packing epilogues' thresholds, sign folded in (see epilogue_pack_avx512_k): for a
     channel of sign -1 the code is n - #{j : I >= 1 - T_(n+1-j)}, the complement of its planes.
     Returns cmp_t [n, cout] int64 and flip [64 * words] uint8 (0xFF where the sign is -1)."""
     neg = sign < 0
@@ -113,6 +116,21 @@ def conv_codes(codes: np.ndarray, planes: np.ndarray, bits: int, stride: int, pa
     return out
 
 
+def stem(image: np.ndarray, weights: np.ndarray, path: str = "auto") -> np.ndarray:
+    """The forward pass's float64 stem: a conv of one channel ``image`` [H, W], zero padding kernel // 2,
+    with ``weights`` [kernel * kernel, cout] (taps in (ky, kx) order): [H, W, cout]."""
+    image = np.ascontiguousarray(image, dtype=np.float64)
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    (h, w), (taps, cout) = image.shape, weights.shape
+    kernel = round(taps**0.5)
+    if kernel * kernel != taps:
+        raise ValueError(f"weights must have kernel * kernel rows, got {taps}")
+    out = np.empty((h, w, cout), dtype=np.float64)
+    code = clib.path_code(best_path() if path == "auto" else path)
+    _library().apq_stem(code, image.ctypes.data, h, w, kernel, weights.ctypes.data, cout, out.ctypes.data)
+    return out
+
+
 class BitSerialNet:
     """The whole network at ``bits`` on the native kernels: ``run(images float64 [B, 28, 28]) -> logits``."""
 
@@ -138,17 +156,17 @@ class BitSerialNet:
             bn2 = clib.batchnorm(artifact, f"{name}.bn2", bits, keep)
             ithr, isign = clib.int_thresholds(bn2, alpha1, cout, bits, 9 * cin * n * n)
             alpha2 = clib.alpha(artifact, f"{name}.conv2", bits)
-            xthr_t, ithr_t = np.ascontiguousarray(xthr.T), np.ascontiguousarray(ithr.T)  # SIMD layouts
+            xthr_t = np.ascontiguousarray(xthr.T)  # the SIMD layout
             xneg = np.where(xsign < 0, -0.0, 0.0)  # the sign as a sign bit to XOR (AVX-512)
-            icmp_t, iflip = _signed_thresholds(ithr, isign)
-            keep += [w1, w2, w1n, w2n, xthr, xthr_t, xsign, xneg, ithr, ithr_t, isign, icmp_t, iflip, alpha1, alpha2]
+            icmp_t, iflip = _signed_thresholds(ithr, isign)  # the SIMD packing epilogues'
+            keep += [w1, w2, w1n, w2n, xthr, xthr_t, xsign, xneg, ithr, isign, icmp_t, iflip, alpha1, alpha2]
             ptr = clib.ptr
             cblocks[i] = _Block(
                 cin, cout, layer["stride"], w1.shape[2], w2.shape[2],
                 ptr(w1, ctypes.c_uint64), ptr(w2, ctypes.c_uint64), ptr(w1n, ctypes.c_uint64), ptr(w2n, ctypes.c_uint64),
                 ptr(xthr, ctypes.c_double), ptr(xthr_t, ctypes.c_double), ptr(xsign, ctypes.c_int32),
                 ptr(xneg, ctypes.c_double),
-                ptr(ithr, ctypes.c_int64), ptr(ithr_t, ctypes.c_int64), ptr(isign, ctypes.c_int32),
+                ptr(ithr, ctypes.c_int64), ptr(isign, ctypes.c_int32),
                 ptr(icmp_t, ctypes.c_int64), ptr(iflip, ctypes.c_uint8),
                 ptr(alpha2, ctypes.c_double),
             )  # fmt: skip

@@ -61,6 +61,39 @@ def test_extreme_codes_do_not_overflow(path):
     np.testing.assert_array_equal(got, integer_conv(acts, codes8, 8, 1))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("height", "width", "kernel", "cout"),
+    [
+        (28, 28, 5, 32),  # the bundled model's stem
+        (9, 7, 3, 16),  # odd width: a last pixel without a pair
+        (6, 9, 4, 16),  # even kernel: one more pixel of padding before than after
+        (5, 6, 7, 48),  # a window wider than the image
+        (4, 4, 9, 16),  # more taps than the SIMD stems' masks hold: the scalar stem
+        (7, 5, 5, 8),  # channels that do not fill a vector: the scalar stem
+    ],
+)
+def test_stem_sums_its_taps_in_order(path, height, width, kernel, cout):
+    """Every path's stem is bit-equal to the taps summed in (ky, kx) order in float64 over the zero-padded
+    image, on images with black regions and signed zeros: the SIMD stems skip the taps whose pixels are all
+    zero, which must not change a bit."""
+    rng = np.random.default_rng(height * 100 + width * 10 + kernel)
+    image = rng.normal(size=(height, width))
+    image[rng.random((height, width)) < 0.4] = 0.0
+    image[: height // 2, : width // 2] = -0.0
+    weights = rng.normal(size=(kernel * kernel, cout))
+    pad = kernel // 2
+    padded = np.zeros((height + kernel - 1, width + kernel - 1))
+    padded[pad : pad + height, pad : pad + width] = image
+    expected = np.zeros((height, width, cout))
+    for k in range(kernel * kernel):
+        ky, kx = divmod(k, kernel)
+        expected += padded[ky : ky + height, kx : kx + width, None] * weights[k]
+    got = bitserial.stem(image, weights, path=path)
+    np.testing.assert_array_equal(got, expected)
+    assert not np.signbit(got[got == 0]).any()  # a sum that starts at +0 never becomes -0
+
+
 # SIMD epilogues specialised for 1..3 bits, generic at 4, scalar packing at 8 (few images: 64 plane pairs)
 @pytest.mark.parametrize(("bits", "images"), [(1, 24), (2, 24), (3, 24), (4, 8), (8, 2)])
 def test_every_path_gives_identical_logits(bundled, test_split, bits, images):

@@ -122,14 +122,12 @@ TARGET_AVX512 AI uint64_t stem_taps_avx512(const double *p, int Wp, int kk, int 
     return taps;
 }
 
-TARGET_AVX512 static void stem_avx512(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
+/* 0 on success, -2 when there is no memory for the padded copy or kk > 8 (more taps than a mask's bits):
+ * the caller runs the scalar stem then. */
+TARGET_AVX512 static int stem_avx512(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
     const int pad = kk / 2, Wp = W + 2 * pad;
-    double *pimg = calloc((size_t)(H + 2 * pad) * Wp, sizeof(double));
-    if (!pimg || kk > 8) { /* no memory for the copy, or more taps than a mask's bits: the AVX2 stem */
-        free(pimg);
-        stem_avx2(img, H, W, kk, wt, cout, out);
-        return;
-    }
+    double *pimg = kk <= 8 ? calloc((size_t)(H + 2 * pad) * Wp, sizeof(double)) : NULL;
+    if (!pimg) return -2;
     int toff[64];
     for (int k = 0; k < kk * kk; k++) toff[k] = (k / kk) * Wp + k % kk;
     for (int y = 0; y < H; y++) memcpy(pimg + (size_t)(y + pad) * Wp + pad, img + (size_t)y * W, sizeof(double) * W);
@@ -145,6 +143,7 @@ TARGET_AVX512 static void stem_avx512(const double *img, int H, int W, int kk, c
         }
     }
     free(pimg);
+    return 0;
 }
 
 /* The AVX2 per-pixel work at 8 lanes per zmm, where it is worth it: the compares of the packing code

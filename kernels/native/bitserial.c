@@ -254,10 +254,9 @@ typedef struct {
     int mode;
     int64_t *out_int;      /* EPI_INT: [pix][cout] */
     const int64_t *thr;    /* EPI_PACK: [cout][n] integer thresholds of the next BN + quantizer */
-    const int64_t *thr_t;  /* EPI_PACK: the same, transposed [n][cout] (for the SIMD epilogue) */
     const int32_t *sign;   /* EPI_PACK: [cout] */
-    const int64_t *cmp_t;  /* EPI_PACK: [n][cout], the thresholds with the sign folded in (AVX-512) */
-    const uint8_t *flip;   /* EPI_PACK: [64 * words(cout)], 0xFF where the sign is -1 (AVX-512) */
+    const int64_t *cmp_t;  /* EPI_PACK: [n][cout], the thresholds with the sign folded in (SIMD) */
+    const uint8_t *flip;   /* EPI_PACK: [64 * words(cout)], 0xFF where the sign is -1 (SIMD) */
     uint64_t *out_planes;  /* EPI_PACK: padded planes of the output image */
     const double *alpha;   /* EPI_RESIDUAL: [cout], weight scale / (N n) */
     double *residual;      /* EPI_RESIDUAL: [pix][cout], I * alpha is added in place */
@@ -279,7 +278,7 @@ AI void epilogue_tile(int path, const int64_t *dot, const int64_t *asum, const i
         return;
     }
     if (path != PATH_SCALAR && epi->mode == EPI_PACK && bits <= 4) {
-        epilogue_pack_avx2(dot, asum, pix, dst, cout, bits, epi->thr_t, epi->sign, epi->out_planes, Po);
+        epilogue_pack_avx2(dot, asum, pix, dst, cout, bits, epi->cmp_t, epi->flip, epi->out_planes, Po);
         return;
     }
     if (path != PATH_SCALAR && epi->mode == EPI_RESIDUAL && cout % 4 == 0) {
@@ -442,9 +441,8 @@ typedef struct {
     const int32_t *xsign;                 /* [cin] */
     const double *xneg;                   /* [cin]: -0.0 where xsign is -1, else +0.0 (AVX-512) */
     const int64_t *ithr;                  /* [cout][n]: conv1 output -> bn2 + quantizer */
-    const int64_t *ithr_t;                /* [n][cout]: the same, transposed (SIMD) */
     const int32_t *isign;                 /* [cout] */
-    const int64_t *icmp_t;                /* [n][cout]: the same with the sign folded in (AVX-512) */
+    const int64_t *icmp_t;                /* [n][cout]: the same with the sign folded in (SIMD) */
     const uint8_t *iflip;                 /* [64 * words(cout)]: 0xFF where isign is -1, else 0 */
     const double *alpha2;                 /* [cout]: conv2 weight scale / (N n) */
 } apq_block;
@@ -481,14 +479,8 @@ AI void stem(const double *img, int H, int W, int kk, const double *wt, int cout
 
 void apq_stem(int path, const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
 #ifdef APQ_X86
-    if (path == PATH_AVX512 && cout % 16 == 0) {
-        stem_avx512(img, H, W, kk, wt, cout, out);
-        return;
-    }
-    if (path != PATH_SCALAR && cout % 16 == 0) {
-        stem_avx2(img, H, W, kk, wt, cout, out);
-        return;
-    }
+    if (path == PATH_AVX512 && cout % 16 == 0 && stem_avx512(img, H, W, kk, wt, cout, out) == 0) return;
+    if (path == PATH_AVX2 && cout % 16 == 0 && stem_avx2(img, H, W, kk, wt, cout, out) == 0) return;
 #endif
     stem(img, H, W, kk, wt, cout, out);
 }
@@ -578,7 +570,8 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
             else
 #endif
                 pack_activations(x, H, W, b->cin, b->xthr, b->xsign, bits, pa);
-            epilogue e1 = {EPI_PACK, NULL, b->ithr, b->ithr_t, b->isign, b->icmp_t, b->iflip, pb, NULL, NULL};
+            epilogue e1 = {.mode = EPI_PACK, .thr = b->ithr, .sign = b->isign, .cmp_t = b->icmp_t, .flip = b->iflip,
+                           .out_planes = pb};
             conv3x3(path, pa, H, W, b->cin, bits, b->w1, b->w1n, b->cout, b->rw1, s, &ln[2 * i], tile, dot, sums, &e1);
             if (s != 1 || b->cin != b->cout) {
                 shortcut(x, H, W, b->cin, b->cout, s, xs);
@@ -586,7 +579,7 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
                 x = xs;
                 xs = t;
             }
-            epilogue e2 = {EPI_RESIDUAL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, b->alpha2, x};
+            epilogue e2 = {.mode = EPI_RESIDUAL, .alpha = b->alpha2, .residual = x};
             conv3x3(path, pb, Ho, Wo, b->cout, bits, b->w2, b->w2n, b->cout, b->rw2, 1, &ln[2 * i + 1], tile, dot, sums,
                     &e2);
             H = Ho;
@@ -657,7 +650,7 @@ int apq_conv_codes(const uint8_t *codes, int batch, int H, int W, int cin, int b
             for (int c = 0; c < cin; c++)
                 put_code(planes + (size_t)(i / W + 1) * (W + 2) + i % W + 1, P, bits, cw, c,
                          codes[((size_t)b * H * W + i) * cin + c]);
-        epilogue e = {EPI_INT, out + (size_t)b * Ho * Wo * cout, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+        epilogue e = {.mode = EPI_INT, .out_int = out + (size_t)b * Ho * Wo * cout};
         conv3x3(path, planes, H, W, cin, bits, w, wn, cout, rw, stride, &ln, tile, dot, sums, &e);
     }
     free(planes);
