@@ -63,9 +63,8 @@ def _library() -> ctypes.CDLL:
     lib.apq_conv_codes.restype = ctypes.c_int
     lib.apq_split_nibbles.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.apq_split_nibbles.restype = None
-    lib.apq_stem.argtypes = (
-        [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    )
+    i, p = ctypes.c_int, ctypes.c_void_p
+    lib.apq_stem.argtypes = [i, p, i, i, i, p, i, p]  # path, image, H, W, kernel, weights, cout, out
     lib.apq_stem.restype = None
     return lib
 
@@ -157,7 +156,7 @@ class BitSerialNet:
             ithr, isign = clib.int_thresholds(bn2, alpha1, cout, bits, 9 * cin * n * n)
             alpha2 = clib.alpha(artifact, f"{name}.conv2", bits)
             xthr_t = np.ascontiguousarray(xthr.T)  # the SIMD layout
-            xneg = np.where(xsign < 0, -0.0, 0.0)  # the sign as a sign bit to XOR (AVX-512)
+            xneg = np.where(xsign < 0, -0.0, 0.0)  # the sign as a sign bit to XOR (SIMD)
             icmp_t, iflip = _signed_thresholds(ithr, isign)  # the SIMD packing epilogues'
             keep += [w1, w2, w1n, w2n, xthr, xthr_t, xsign, xneg, ithr, isign, icmp_t, iflip, alpha1, alpha2]
             ptr = clib.ptr

@@ -143,10 +143,11 @@ TARGET_AVX2 static int stem_avx2(const double *img, int H, int W, int kk, const 
 /* Bit b of the code of a value, from the masks M_j = [v >= thr_j] of ascending thresholds (so
  * M_1 >= M_2 >= ...): code = #{j : M_j}, and its bit b is the XOR of M_j over the multiples j of 2^b. */
 
-/* pack_activations for c % 4 == 0 and bits <= 4, thresholds transposed: thr_t [n][c]. Four channels per
- * compare; a plane's word is built in a register and stored once. */
+/* pack_activations for c % 8 == 0 and bits <= 4, thresholds transposed: thr_t [n][c], the sign as a sign
+ * bit to XOR: neg [c] (-0.0 where it is -1; sign * x is exactly x with its sign bit flipped). Eight
+ * channels per step (two compares per threshold); a plane's word is built in a register and stored once. */
 TARGET_AVX2 AI void pack_activations_avx2_k(const double *x, int H, int W, int c, const double *thr_t,
-                                            const int32_t *sign, int bits, uint64_t *out) {
+                                            const double *neg, int bits, uint64_t *out) {
     const int cw = words_for(c), n = (1 << bits) - 1;
     const size_t P = plane_stride(H, W);
     memset(out, 0, sizeof(uint64_t) * P * bits * cw);
@@ -156,13 +157,14 @@ TARGET_AVX2 AI void pack_activations_avx2_k(const double *x, int H, int W, int c
         for (int j = 0; j < cw; j++) {
             uint64_t word[MAX_BITS] = {0};
             const int c1 = 64 * j + 64 < c ? 64 * j + 64 : c;
-            for (int ch = 64 * j; ch < c1; ch += 4) {
-                const __m256d s = _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(sign + ch)));
-                const __m256d v = _mm256_mul_pd(s, _mm256_loadu_pd(src + ch));
+            for (int ch = 64 * j; ch < c1; ch += 8) {
+                const __m256d v0 = _mm256_xor_pd(_mm256_loadu_pd(neg + ch), _mm256_loadu_pd(src + ch));
+                const __m256d v1 = _mm256_xor_pd(_mm256_loadu_pd(neg + ch + 4), _mm256_loadu_pd(src + ch + 4));
                 int plane[MAX_BITS] = {0};
                 for (int k = 1; k <= n; k++) {
-                    const __m256d t = _mm256_loadu_pd(thr_t + (size_t)(k - 1) * c + ch);
-                    const int m = _mm256_movemask_pd(_mm256_cmp_pd(v, t, _CMP_GE_OQ));
+                    const double *t = thr_t + (size_t)(k - 1) * c + ch;
+                    const int m = _mm256_movemask_pd(_mm256_cmp_pd(v0, _mm256_loadu_pd(t), _CMP_GE_OQ)) |
+                                  _mm256_movemask_pd(_mm256_cmp_pd(v1, _mm256_loadu_pd(t + 4), _CMP_GE_OQ)) << 4;
                     for (int b = 0; b < bits && (k & ((1 << b) - 1)) == 0; b++) plane[bits - 1 - b] ^= m;
                 }
                 for (int q = 0; q < bits; q++) word[q] |= (uint64_t)plane[q] << (ch & 63);
@@ -174,12 +176,12 @@ TARGET_AVX2 AI void pack_activations_avx2_k(const double *x, int H, int W, int c
 
 /* Compiled once per bits (constant loop bounds unroll), like the packing epilogue below. */
 TARGET_AVX2 static void pack_activations_avx2(const double *x, int H, int W, int c, const double *thr_t,
-                                              const int32_t *sign, int bits, uint64_t *out) {
+                                              const double *neg, int bits, uint64_t *out) {
     switch (bits) {
-    case 1: pack_activations_avx2_k(x, H, W, c, thr_t, sign, 1, out); break;
-    case 2: pack_activations_avx2_k(x, H, W, c, thr_t, sign, 2, out); break;
-    case 3: pack_activations_avx2_k(x, H, W, c, thr_t, sign, 3, out); break;
-    default: pack_activations_avx2_k(x, H, W, c, thr_t, sign, bits, out);
+    case 1: pack_activations_avx2_k(x, H, W, c, thr_t, neg, 1, out); break;
+    case 2: pack_activations_avx2_k(x, H, W, c, thr_t, neg, 2, out); break;
+    case 3: pack_activations_avx2_k(x, H, W, c, thr_t, neg, 3, out); break;
+    default: pack_activations_avx2_k(x, H, W, c, thr_t, neg, bits, out);
     }
 }
 

@@ -439,7 +439,7 @@ typedef struct {
     const double *xthr;                   /* [cin][n]: bn1 + quantizer on the residual stream */
     const double *xthr_t;                 /* [n][cin]: the same, transposed (SIMD) */
     const int32_t *xsign;                 /* [cin] */
-    const double *xneg;                   /* [cin]: -0.0 where xsign is -1, else +0.0 (AVX-512) */
+    const double *xneg;                   /* [cin]: -0.0 where xsign is -1, else +0.0 (SIMD) */
     const int64_t *ithr;                  /* [cout][n]: conv1 output -> bn2 + quantizer */
     const int32_t *isign;                 /* [cout] */
     const int64_t *icmp_t;                /* [n][cout]: the same with the sign folded in (SIMD) */
@@ -565,8 +565,8 @@ AI int forward_body(const job *jb, int b0, int b1, int path) {
 #ifdef APQ_X86
             if (path == PATH_AVX512 && b->cin % 8 == 0 && bits <= 4)
                 pack_activations_avx512(x, H, W, b->cin, b->xthr_t, b->xneg, bits, pa);
-            else if (path != PATH_SCALAR && b->cin % 4 == 0 && bits <= 4)
-                pack_activations_avx2(x, H, W, b->cin, b->xthr_t, b->xsign, bits, pa);
+            else if (path != PATH_SCALAR && b->cin % 8 == 0 && bits <= 4)
+                pack_activations_avx2(x, H, W, b->cin, b->xthr_t, b->xneg, bits, pa);
             else
 #endif
                 pack_activations(x, H, W, b->cin, b->xthr, b->xsign, bits, pa);
