@@ -116,15 +116,23 @@ TARGET_AVX2 AI uint64_t stem_taps_avx2(const double *p, int Wp, int kk, int two)
     return taps;
 }
 
-/* 0 on success, -2 when there is no memory for the padded copy or kk > 8 (more taps than a mask's bits):
- * the caller runs the scalar stem then. */
-TARGET_AVX2 static int stem_avx2(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
-    const int pad = kk / 2, Wp = W + 2 * pad + 3; /* + 3: stem_taps_avx2 reads 4 columns at a time */
+/* The SIMD stems' zero-padded copy of the image: kk / 2 zero pixels on every side, rows Wp apart, and the
+ * kk x kk taps' offsets in it (toff); NULL without memory or for kk > 8 (more taps than a mask's bits). */
+static double *stem_padded(const double *img, int H, int W, int kk, int Wp, int *toff) {
+    const int pad = kk / 2;
     double *pimg = kk <= 8 ? calloc((size_t)(H + 2 * pad) * Wp, sizeof(double)) : NULL;
-    if (!pimg) return -2;
-    int toff[64];
+    if (!pimg) return NULL;
     for (int k = 0; k < kk * kk; k++) toff[k] = (k / kk) * Wp + k % kk;
     for (int y = 0; y < H; y++) memcpy(pimg + (size_t)(y + pad) * Wp + pad, img + (size_t)y * W, sizeof(double) * W);
+    return pimg;
+}
+
+/* 0 on success, -2 without a padded copy (stem_padded): the caller runs the scalar stem then. */
+TARGET_AVX2 static int stem_avx2(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
+    const int Wp = W + 2 * (kk / 2) + 3; /* + 3: stem_taps_avx2 reads 4 columns at a time */
+    int toff[64];
+    double *pimg = stem_padded(img, H, W, kk, Wp, toff);
+    if (!pimg) return -2;
     for (int y = 0; y < H; y++) {
         int x = 0;
         for (; x + 2 <= W; x += 2) {

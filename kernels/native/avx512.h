@@ -122,15 +122,12 @@ TARGET_AVX512 AI uint64_t stem_taps_avx512(const double *p, int Wp, int kk, int 
     return taps;
 }
 
-/* 0 on success, -2 when there is no memory for the padded copy or kk > 8 (more taps than a mask's bits):
- * the caller runs the scalar stem then. */
+/* 0 on success, -2 without a padded copy (stem_padded): the caller runs the scalar stem then. */
 TARGET_AVX512 static int stem_avx512(const double *img, int H, int W, int kk, const double *wt, int cout, double *out) {
-    const int pad = kk / 2, Wp = W + 2 * pad;
-    double *pimg = kk <= 8 ? calloc((size_t)(H + 2 * pad) * Wp, sizeof(double)) : NULL;
-    if (!pimg) return -2;
+    const int Wp = W + 2 * (kk / 2);
     int toff[64];
-    for (int k = 0; k < kk * kk; k++) toff[k] = (k / kk) * Wp + k % kk;
-    for (int y = 0; y < H; y++) memcpy(pimg + (size_t)(y + pad) * Wp + pad, img + (size_t)y * W, sizeof(double) * W);
+    double *pimg = stem_padded(img, H, W, kk, Wp, toff);
+    if (!pimg) return -2;
     for (int y = 0; y < H; y++) {
         int x = 0;
         for (; x + 4 <= W; x += 4) {
