@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from model_store.artifact import Artifact
 PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 NAMES = {v: k for k, v in PATHS.items()}
 P = ctypes.POINTER
+LIBRARY_ENV = "APSERVE_NATIVE_LIBRARY"  # another build of the library to load instead of the installed one
 
 
 class NativeError(RuntimeError):
@@ -26,6 +28,9 @@ class NativeError(RuntimeError):
 
 
 def _find_library() -> Path:
+    override = os.environ.get(LIBRARY_ENV)
+    if override:  # e.g. the AVX-512 emulation build of the tests (kernels/emulation.py)
+        return Path(override)
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         candidate = here / f"_bitserial{suffix}"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs the Debian packages apserve needs when they are missing: the Fashion-MNIST files and Prometheus.
+# Installs the Debian packages apserve needs when they are missing: the Fashion-MNIST files, Prometheus, and
+# on x86 SIMDe's headers (the tests build the AVX-512 kernels on them to run them without AVX-512).
 set -euo pipefail
 need=()
 [ -f "${APSERVE_DATA_DIR:-/usr/share/datasets/fashion-mnist}/t10k-images-idx3-ubyte.gz" ] || need+=(dataset-fashion-mnist)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+if [ "$(uname -m)" = x86_64 ] && [ ! -f /usr/include/simde/x86/avx512.h ]; then need+=(libsimde-dev); fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
   echo "apserve needs the Debian packages: ${need[*]}, and this machine has no apt-get. Install them by hand." >&2

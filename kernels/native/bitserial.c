@@ -36,6 +36,9 @@ int apq_cpu_supports(int path) {
 #ifdef APQ_X86
     __builtin_cpu_init();
     if (path == PATH_AVX2) return __builtin_cpu_supports("avx2");
+#ifdef APQ_EMULATE_AVX512
+    if (path == PATH_AVX512) return __builtin_cpu_supports("avx2"); /* SIMDe's AVX-512 on AVX2 */
+#endif
     if (path == PATH_AVX512)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&

@@ -17,7 +17,14 @@
 
 #define AI static inline __attribute__((always_inline))
 #define TARGET_AVX2 __attribute__((target("avx2,popcnt")))
+#ifdef APQ_EMULATE_AVX512
+/* A test build: the AVX-512 code on SIMDe's portable intrinsics, so that an AVX2 machine runs it and the
+ * tests compare it with the other paths (emulate_avx512.h). */
+#include "emulate_avx512.h"
+#define TARGET_AVX512 TARGET_AVX2
+#else
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vpopcntdq,avx2,popcnt")))
+#endif
 
 enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
 
