@@ -3,6 +3,10 @@ and backend (the CI test runs a subset). The backends are the saved profile's, a
 unless --backend names one for every bits asked. Prints a table; --json prints JSON on stdout.
 
     .venv/bin/python bench/bench_engine_agreement.py [--model PATH] [--bits 1,2,8] [--backend NAME] [--limit N] [--json]
+
+On a CPU without AVX-512, APSERVE_NATIVE_LIBRARY=<a build with -DAPQ_EMULATE_AVX512, as
+tests/test_kernels_avx512_emulated.py makes it> and --backend native-avx512 or int8-avx512 check the
+AVX-512 kernels' results (slowly: they run on SIMDe's portable intrinsics).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class NativeError(RuntimeError):
 
 def _find_library() -> Path:
     override = os.environ.get(LIBRARY_ENV)
-    if override:  # e.g. the AVX-512 emulation build of the tests (kernels/emulation.py)
+    if override:  # e.g. the AVX-512 emulation build (tests/test_kernels_avx512_emulated.py)
         return Path(override)
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
