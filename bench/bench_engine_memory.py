@@ -1,8 +1,8 @@
 """Memory: resident set of a process with every bits warmed vs one with only 8 bits warmed (target: at
 most 1.5x). Each measurement runs in a fresh subprocess so the two do not share allocations. The engine
-runs the backends of the model's saved profile, as the server does. --steps prints, from one more
-process, the resident set after each step of warming every bits (8, then 7 down to 1, then the libraries
-fp32 imports, then fp32 itself): where the difference goes.
+runs the backends of the model's saved profile, as the server does. --steps also prints the resident set
+after each step of warming every bits (8, then 7 down to 1, then the libraries fp32 imports, then fp32
+itself): where the difference goes.
 
     .venv/bin/python bench/bench_engine_memory.py [--model PATH] [--threads N] [--steps] [--json]
 """
@@ -14,22 +14,9 @@ import json
 import subprocess
 import sys
 
+# Warms the bits given (argv[3]) in that order and prints "step<TAB>RSS kB" after each step; before fp32
+# it imports the libraries fp32 needs one by one, so that their share shows on its own.
 CHILD = """
-import sys
-from kernels import profiler
-from kernels.engine import Engine
-from model_store import artifact, fashion_mnist
-model = artifact.load(sys.argv[1])
-engine = Engine(model, threads=int(sys.argv[2]), backends=profiler.saved_backends(model))
-images = fashion_mnist.load("test").images[:64][:, None]
-for bits in [int(b) for b in sys.argv[3].split(",")]:
-    engine.run(images, bits)
-    engine.run(images[:1], bits)
-rss_kb = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:")))
-print(rss_kb)
-"""
-
-STEPS_CHILD = """
 import sys
 def rss_kb():
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:")))
@@ -40,32 +27,22 @@ model = artifact.load(sys.argv[1])
 engine = Engine(model, threads=int(sys.argv[2]), backends=profiler.saved_backends(model))
 images = fashion_mnist.load("test").images[:64][:, None]
 print("model loaded", rss_kb(), sep="\t")
-for bits in (8, 7, 6, 5, 4, 3, 2, 1):
+for bits in [int(b) for b in sys.argv[3].split(",")]:
+    if bits == 32:
+        import onnx  # what the fp32 graph is built with
+        print("import onnx", rss_kb(), sep="\t")
+        import onnxruntime
+        print("import onnxruntime", rss_kb(), sep="\t")
     engine.run(images, bits)
     engine.run(images[:1], bits)
     print(f"{bits} bits warmed ({engine.backend(bits)})", rss_kb(), sep="\t")
-if 32 in model.bits:
-    import onnx  # what the fp32 graph is built with
-    print("import onnx", rss_kb(), sep="\t")
-    import onnxruntime
-    print("import onnxruntime", rss_kb(), sep="\t")
-    engine.run(images, 32)
-    engine.run(images[:1], 32)
-    print(f"32 bits warmed ({engine.backend(32)}: graph, session, runs)", rss_kb(), sep="\t")
 """
 
 
-def rss_mib(model: str, threads: int, bits: str) -> float:
+def warm(model: str, threads: int, bits: str) -> list[tuple[str, float]]:
+    """(step, RSS MiB after it) for warming ``bits`` (comma-separated, in order) in a fresh process."""
     out = subprocess.run(
         [sys.executable, "-c", CHILD, model, str(threads), bits], check=True, capture_output=True, text=True
-    )
-    return int(out.stdout.split()[-1]) / 1024
-
-
-def steps(model: str, threads: int) -> list[tuple[str, float]]:
-    """(step, RSS MiB after it) for warming every bits in one process, 8 first."""
-    out = subprocess.run(
-        [sys.executable, "-c", STEPS_CHILD, model, str(threads)], check=True, capture_output=True, text=True
     )
     return [(step, int(kb) / 1024) for step, kb in (line.rsplit("\t", 1) for line in out.stdout.splitlines())]
 
@@ -79,8 +56,9 @@ def main() -> int:
     parser.add_argument("--steps", action="store_true", help="also the RSS after each warming step")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    only8 = rss_mib(args.model, args.threads, "8")
-    every = rss_mib(args.model, args.threads, "1,2,3,4,5,6,7,8,32")
+    only8 = warm(args.model, args.threads, "8")[-1][1]
+    trace = warm(args.model, args.threads, "8,7,6,5,4,3,2,1,32")
+    every = trace[-1][1]
     result = {
         "rss_mib_only_8": round(only8, 1),
         "rss_mib_all_bits": round(every, 1),
@@ -88,7 +66,6 @@ def main() -> int:
         "target": 1.5,
     }
     if args.steps:
-        trace = steps(args.model, args.threads)
         result["steps"] = [{"step": step, "rss_mib": round(mib, 1)} for step, mib in trace]
         print(f"{'step':<58} {'RSS MiB':>8} {'added':>7}", file=sys.stderr)
         for i, (step, mib) in enumerate(trace):
