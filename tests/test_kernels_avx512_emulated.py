@@ -16,10 +16,8 @@ import pytest
 from kernels import clib
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "kernels" / "native" / "bitserial.c", ROOT / "kernels" / "native" / "integer.c"]
-# setup.py's flags, then the emulation's: AVX2 underneath, and no warning for SIMDe's 64-byte vector types
-FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-strict-aliasing"]
-EMULATION = ["-DAPQ_EMULATE_AVX512", "-mavx2", "-mpopcnt", "-Wno-psabi", "-fPIC", "-shared"]
+# On top of setup.py's own flags: AVX2 underneath, and no warning for SIMDe's 64-byte vector types
+EMULATION = "-DAPQ_EMULATE_AVX512 -mavx2 -mpopcnt -Wno-psabi"
 SUITES = ["tests/test_kernels_native.py", "tests/test_kernels_integer.py", "tests/test_kernels_engine.py"]
 
 pytestmark = [
@@ -31,17 +29,29 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def emulated_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    lib = tmp_path_factory.mktemp("emulated") / "_bitserial_avx512_emulated.so"
-    cc = os.environ.get("CC", "cc")
+    """The library built by setup.py itself (its sources and flags), with the emulation's flags added."""
+    out = tmp_path_factory.mktemp("emulated")
     build = subprocess.run(
-        [cc, *FLAGS, *EMULATION, "-o", str(lib), *map(str, SOURCES), "-lm", "-lpthread"],
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "build_ext",
+            "--build-lib",
+            str(out / "lib"),
+            "--build-temp",
+            str(out / "tmp"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "CFLAGS": f"{os.environ.get('CFLAGS', '')} {EMULATION}"},
         capture_output=True,
         text=True,
     )
     assert build.returncode == 0, (
         "building the AVX-512 emulation failed (it needs SIMDe's headers: `make system-deps` installs "
-        f"libsimde-dev):\n{build.stderr[-4000:]}"
+        f"libsimde-dev):\n{build.stdout[-2000:]}{build.stderr[-4000:]}"
     )
+    (lib,) = (out / "lib" / "kernels").glob("_bitserial*.so")
     return lib
 
 
